@@ -1,0 +1,33 @@
+"""batchlab: batch-size and learning-rate science for PyTorch.
+
+The package is layered (see DESIGN.md): ``batchlab.core`` is pure math (numpy only), ``engine`` trains
+with torch, ``sweep`` plans and stores runs, ``analysis`` and ``report`` read the store, ``reproduce``
+tests the classic claims. Heavy submodules load lazily so ``import batchlab.core`` never imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "GradientNoiseScale": "batchlab.engine.probes",
+    "RunSpec": "batchlab.engine.spec",
+    "RunResult": "batchlab.engine.spec",
+    "train": "batchlab.engine.train",
+    "get_task": "batchlab.engine.tasks",
+    "Task": "batchlab.engine.tasks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import public names on first use, keeping ``import batchlab`` light."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'batchlab' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_LAZY]

@@ -1,0 +1,5 @@
+"""``python -m batchlab`` runs the CLI."""
+
+from batchlab.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Store rows -> plain tables; never draws, never writes."""

@@ -1,0 +1,66 @@
+"""The ``batchlab`` command line: thin wrappers, each one library call plus printing.
+
+Bad input is one line on stderr naming the field and what is allowed, and exit code 2 (``fail``).
+Commands are grouped by the issue that owns them; keep each command's body short.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="batchlab: what learning rate, warmup, schedule and budget a new batch size needs.",
+)
+console = Console(stderr=True)
+
+
+def fail(field: str, message: str) -> NoReturn:
+    """Print one clear error line naming the bad field, exit with code 2."""
+    typer.echo(f"error: {field}: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def emit_json(obj: Any) -> None:
+    """Print one JSON object on stdout (NaN/inf become null so any JSON parser reads it)."""
+    typer.echo(json.dumps(_json_safe(obj), indent=2, sort_keys=False))
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+# --- foundation: tasks, train (issue 2) ---
+
+# --- rules: advise (issue 3) ---
+
+# --- noise scale: noise (issue 4) ---
+
+# --- sweeps: sweep, runs, export (issue 5) ---
+
+# --- analysis: report, summary (issue 6) ---
+
+# --- measurements: lr-find, sharpness (issue 7) ---
+
+# --- reproduce (issue 8) ---
+
+
+def main() -> None:
+    """Entry point for ``python -m batchlab``."""
+    app(prog_name="batchlab")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Torch side: tasks, data slicing, the training engine, probes and measurements."""

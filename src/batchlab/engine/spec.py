@@ -1,0 +1,212 @@
+"""RunSpec and RunResult: the frozen description of one training run and what it produced.
+
+A ``RunSpec`` is hashable and JSON-serializable; the same spec always gets the same ``run_id`` so a
+sweep can resume by skipping ids already stored. It lives in the engine (not in ``sweep.spec`` as the
+first design sketch said) because ``engine.train(spec)`` needs it and imports only run one way
+(core <- engine <- sweep). Every default is declared here, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine", "linear", "step", "multistep", "exponential")
+WARMUPS = ("linear", "exponential")
+BUDGET_UNITS = ("epochs", "steps", "samples")
+Status = Literal["ok", "diverged", "failed"]
+
+
+class SpecError(ValueError):
+    """A bad field in a spec: the message names the field and what is allowed."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+def _freeze(value: Any) -> Any:
+    """Turn dicts and lists into sorted tuples so a spec stays hashable."""
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    """JSON-friendly form of a frozen value (tuples of pairs stay lists of pairs)."""
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that decides the numbers of one run (device excluded: it is not part of the id).
+
+    Schedules: ``schedule`` is evaluated on the optimizer step counted at the *first* batch size
+    (``samples_seen / batch_size``), so an LR decay at a fraction of the budget happens at the same
+    epoch whether or not ``batch_schedule`` grows the batch (Smith et al. 2018). ``schedule_options``
+    holds the schedule's parameters, e.g. ``{"milestones": (0.5, 0.75), "gamma": 0.1}`` with
+    milestones as fractions of the budget. ``batch_schedule`` is ``((epoch, batch_size), ...)``: from
+    that epoch on, the batch size is the given one.
+    """
+
+    task: str
+    batch_size: int
+    lr: float
+    task_options: tuple[tuple[str, Any], ...] = ()
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    nesterov: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    schedule_options: tuple[tuple[str, Any], ...] = ()
+    warmup_epochs: float = 0.0
+    warmup: str = "linear"
+    batch_schedule: tuple[tuple[float, int], ...] = ()
+    budget_unit: str = "epochs"
+    budget: float = 1.0
+    eval_every: int = 0
+    seed: int = 0
+    micro_batch_size: int | None = None
+    diverge_factor: float = 10.0
+    noise_scale: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "task_options", _freeze(dict(self.task_options)))
+        object.__setattr__(self, "schedule_options", _freeze(dict(self.schedule_options)))
+        object.__setattr__(
+            self, "batch_schedule", tuple((float(e), int(b)) for e, b in self.batch_schedule)
+        )
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``SpecError`` naming the first bad field; checks that need no data set."""
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise SpecError("batch_size", f"must be an integer >= 1, got {self.batch_size!r}")
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr >= 0):
+            raise SpecError("lr", f"must be a finite number >= 0, got {self.lr!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise SpecError("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise SpecError("momentum", f"must be in [0, 1), got {self.momentum!r}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise SpecError(name, f"must be in [0, 1), got {getattr(self, name)!r}")
+        if self.eps <= 0:
+            raise SpecError("eps", f"must be > 0, got {self.eps!r}")
+        if self.weight_decay < 0:
+            raise SpecError("weight_decay", f"must be >= 0, got {self.weight_decay!r}")
+        if self.schedule not in LR_SCHEDULES:
+            raise SpecError("schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {self.schedule!r}")
+        if self.warmup not in WARMUPS:
+            raise SpecError("warmup", f"must be one of {', '.join(WARMUPS)}, got {self.warmup!r}")
+        if self.warmup_epochs < 0:
+            raise SpecError("warmup_epochs", f"must be >= 0, got {self.warmup_epochs!r}")
+        if self.budget_unit not in BUDGET_UNITS:
+            raise SpecError("budget", f"unit must be one of {', '.join(BUDGET_UNITS)}, got {self.budget_unit!r}")
+        if not (math.isfinite(self.budget) and self.budget > 0):
+            raise SpecError("budget", f"must be a finite number > 0, got {self.budget!r}")
+        if self.eval_every < 0:
+            raise SpecError("eval_every", f"must be >= 0 (0 = automatic), got {self.eval_every!r}")
+        if self.micro_batch_size is not None and (
+            self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size
+        ):
+            raise SpecError(
+                "micro_batch_size",
+                f"must divide batch_size {self.batch_size}, got {self.micro_batch_size!r}",
+            )
+        if self.diverge_factor <= 1:
+            raise SpecError("diverge_factor", f"must be > 1, got {self.diverge_factor!r}")
+        for epoch, size in self.batch_schedule:
+            if epoch < 0 or size < 1:
+                raise SpecError(
+                    "batch_schedule", f"entries are (epoch >= 0, batch_size >= 1), got {(epoch, size)}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field (the resolved config saved with each run)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("task_options", "schedule_options"):
+                value = {k: _thaw(v) for k, v in value}
+            else:
+                value = _thaw(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
+        """Inverse of ``to_dict``; unknown keys are an error naming the key."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise SpecError(unknown[0], f"unknown field; allowed: {', '.join(sorted(names))}")
+        return cls(**data)
+
+    @property
+    def run_id(self) -> str:
+        """Stable id: the same spec gives the same id on any machine and Python version."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def replace(self, **changes: Any) -> RunSpec:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """Value of one ``schedule_options`` entry."""
+        return dict(self.schedule_options).get(name, default)
+
+
+@dataclass
+class RunResult:
+    """What one run produced: status, history rows, final full-set metrics, wall time.
+
+    ``history`` rows are dicts with keys step, samples, epoch, lr, batch_size, train_loss, val_loss,
+    val_metric, wall_s and noise_scale (None when not measured). ``final`` holds train_loss,
+    train_metric, val_loss and val_metric on the full sets (NaN when the run diverged).
+    """
+
+    spec: RunSpec
+    status: Status
+    steps: int
+    samples: int
+    wall_s: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, float] = field(default_factory=dict)
+    diverged_at: int | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        """The id of the spec that produced this result."""
+        return self.spec.run_id
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary used by ``batchlab train --json`` and by the store."""
+        return {
+            "id": self.run_id,
+            "status": self.status,
+            "steps": self.steps,
+            "samples": self.samples,
+            "epochs": self.history[-1]["epoch"] if self.history else 0.0,
+            "wall_s": self.wall_s,
+            "diverged_at": self.diverged_at,
+            "error": self.error,
+            "final": self.final,
+            "spec": self.spec.to_dict(),
+            "extra": self.extra,
+        }

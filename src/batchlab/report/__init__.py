@@ -1,0 +1,1 @@
+"""Tables -> matplotlib figures -> one self-contained HTML page."""

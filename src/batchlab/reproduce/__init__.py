@@ -1,0 +1,1 @@
+"""The classic claims about batch size and learning rate, each a study plus a verdict rule."""

@@ -1,0 +1,1 @@
+"""Plan, execute and persist runs: sweep specs, the SQLite store, executors."""
