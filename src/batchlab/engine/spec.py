@@ -97,7 +97,9 @@ class RunSpec:
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr >= 0):
             raise SpecError("lr", f"must be a finite number >= 0, got {self.lr!r}")
         if self.optimizer not in OPTIMIZERS:
-            raise SpecError("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise SpecError(
+                "optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
         if not 0.0 <= self.momentum < 1.0:
             raise SpecError("momentum", f"must be in [0, 1), got {self.momentum!r}")
         for name in ("beta1", "beta2"):
@@ -108,13 +110,17 @@ class RunSpec:
         if self.weight_decay < 0:
             raise SpecError("weight_decay", f"must be >= 0, got {self.weight_decay!r}")
         if self.schedule not in LR_SCHEDULES:
-            raise SpecError("schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {self.schedule!r}")
+            raise SpecError(
+                "schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {self.schedule!r}"
+            )
         if self.warmup not in WARMUPS:
             raise SpecError("warmup", f"must be one of {', '.join(WARMUPS)}, got {self.warmup!r}")
         if self.warmup_epochs < 0:
             raise SpecError("warmup_epochs", f"must be >= 0, got {self.warmup_epochs!r}")
         if self.budget_unit not in BUDGET_UNITS:
-            raise SpecError("budget", f"unit must be one of {', '.join(BUDGET_UNITS)}, got {self.budget_unit!r}")
+            raise SpecError(
+                "budget", f"unit must be one of {', '.join(BUDGET_UNITS)}, got {self.budget_unit!r}"
+            )
         if not (math.isfinite(self.budget) and self.budget > 0):
             raise SpecError("budget", f"must be a finite number > 0, got {self.budget!r}")
         if self.eval_every < 0:
@@ -131,7 +137,8 @@ class RunSpec:
         for epoch, size in self.batch_schedule:
             if epoch < 0 or size < 1:
                 raise SpecError(
-                    "batch_schedule", f"entries are (epoch >= 0, batch_size >= 1), got {(epoch, size)}"
+                    "batch_schedule",
+                    f"entries are (epoch >= 0, batch_size >= 1), got {(epoch, size)}",
                 )
 
     def to_dict(self) -> dict[str, Any]:
