@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints.txt
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup system-deps test lint demo bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,13 +15,19 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) -q -e '.[dev]'
 	touch $@
 
-# Fashion-MNIST ships as a Debian package; install it when missing (needs root and apt-get).
-$(FASHION_DIR):
-	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)); \
-	else echo "note: $(FASHION_DIR) missing and apt-get unavailable; fashion-* tasks need --data-dir"; fi
+# Debian packages the project needs: Fashion-MNIST (the fashion-* tasks) and Chromium (the report's
+# browser test). Installed when missing, as root with apt-get; elsewhere a note says what is missing.
+system-deps:
+	@missing=""; \
+	[ -d $(FASHION_DIR) ] || missing="$$missing dataset-fashion-mnist"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing); \
+	else echo "note: missing$$missing and apt-get unavailable: fashion-* tasks need --data-dir, the browser test is skipped"; fi
 
-setup: $(VENV)/.installed | $(FASHION_DIR)
+setup: $(VENV)/.installed system-deps
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks examples

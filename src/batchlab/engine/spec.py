@@ -183,7 +183,8 @@ class RunResult:
 
     ``history`` rows are dicts with keys step, samples, epoch, lr, batch_size, train_loss, val_loss,
     val_metric, wall_s and noise_scale (None when not measured). ``final`` holds train_loss,
-    train_metric, val_loss and val_metric on the full sets (NaN when the run diverged).
+    train_metric, val_loss and val_metric on the full sets (NaN when the run diverged). ``weights``
+    holds the final state dict when the engine was asked to keep it (never serialized by ``to_dict``).
     """
 
     spec: RunSpec
@@ -196,6 +197,7 @@ class RunResult:
     diverged_at: int | None = None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def run_id(self) -> str:

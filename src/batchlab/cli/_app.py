@@ -1,13 +1,12 @@
-"""The ``batchlab`` command line: thin wrappers, each one library call plus printing.
+"""The shared typer ``app`` and the helpers every command module uses.
 
 Bad input is one line on stderr naming the field and what is allowed, and exit code 2 (``fail``).
-Commands are grouped by the issue that owns them; keep each command's body short.
+Only the CLI prints; library code logs.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any, NoReturn
 
 import typer
@@ -42,25 +41,6 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-# --- foundation: tasks, train (issue 2) ---
-
-# --- rules: advise (issue 3) ---
-
-# --- noise scale: noise (issue 4) ---
-
-# --- sweeps: sweep, runs, export (issue 5) ---
-
-# --- analysis: report, summary (issue 6) ---
-
-# --- measurements: lr-find, sharpness (issue 7) ---
-
-# --- reproduce (issue 8) ---
-
-
 def main() -> None:
     """Entry point for ``python -m batchlab``."""
     app(prog_name="batchlab")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,626 @@
+"""The training engine: ``train(spec) -> RunResult`` and ``train_ensemble(specs)``.
+
+One loop serves both. A *stepper* owns K models (K = 1 for a solo run, K > 1 for an ensemble of runs
+that share everything but their scalar hyper-parameters) and knows how to take one optimizer step and
+how to evaluate; the loop owns the step count, the batch order, the schedules, evaluation, divergence
+and the history. Only the engine counts steps; schedules are pure functions it calls with the step.
+
+- Solo runs use an ordinary ``nn.Module`` and ``torch.optim`` (SGD, Adam, AdamW), so they are exactly what
+  a user's own loop would compute; they also handle gradient accumulation and batch norm.
+- Ensembles stack the K models' parameters (``torch.func.stack_module_state``) and train them with
+  ``vmap(grad_and_value(functional_call))`` and a vectorized optimizer with per-member learning rate,
+  momentum, betas, eps and weight decay, written to match ``torch.optim`` update for update
+  (tested against solo runs). Each member draws its batches from its own seed's permutation, so a
+  member's numbers equal the solo run's up to float rounding; members sharing a seed share the batch.
+
+Budget: ``epochs`` and ``samples`` stop at the first step at which ``samples >= budget`` (every batch is
+full, see ``BatchStream``); ``steps`` stops after that many optimizer updates. The LR schedule is
+evaluated at ``samples_seen / spec.batch_size``, the step counted at the first batch size, so a decay
+placed at a fraction of the budget happens at the same epoch when ``batch_schedule`` grows the batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from batchlab.core.schedules import build_lr_schedule
+from batchlab.engine.data import BatchStream, resolve_device
+from batchlab.engine.spec import RunResult, RunSpec, SpecError
+from batchlab.engine.tasks import Task, get_task
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+"""Called as ``progress(steps_done, total_steps)`` a few hundred times per run at most."""
+
+AUTO_EVALS = 50
+"""With ``eval_every = 0`` the loop evaluates about this many times per run (plus step 0 and the end)."""
+
+EVAL_ROWS = 1 << 16
+"""Rows of (members x examples) evaluated at once: bounds the memory of evaluation."""
+
+ENSEMBLE_ROWS = 1 << 14
+"""Members x batch rows per vectorized step. Beyond this the stacked activations leave the CPU cache
+and K solo runs are as fast (measured in ``benchmarks/bench_sweep.py``), so larger groups are split."""
+
+MEMBER_FIELDS = ("lr", "seed", "momentum", "weight_decay", "beta1", "beta2", "eps", "diverge_factor")
+"""RunSpec fields that may differ between the members of one ensemble."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning: what a spec means on a task
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Derived quantities of a spec on a task, fixed before the first step (logged like nanoGPT)."""
+
+    n_train: int
+    total_steps: int
+    total_samples: int
+    eval_every: int
+    schedule_steps: float
+    warmup_steps: float
+
+    def describe(self, spec: RunSpec) -> str:
+        """One line for the log: the numbers a user would otherwise compute by hand."""
+        return (
+            f"{spec.task}: batch {spec.batch_size}, {self.n_train} training examples, "
+            f"{self.total_steps} steps, {self.total_samples} samples "
+            f"({self.total_samples / self.n_train:.3g} epochs), evaluation every {self.eval_every} steps"
+        )
+
+
+def batch_size_at(spec: RunSpec, epoch: float) -> int:
+    """The batch size in force at ``epoch`` under ``spec.batch_schedule``."""
+    size = spec.batch_size
+    for start, scheduled in sorted(spec.batch_schedule):
+        if epoch >= start:
+            size = scheduled
+    return size
+
+
+def validate_for_task(spec: RunSpec, n_train: int) -> None:
+    """Checks that need the task: batch sizes fit the training set, micro-batches divide them."""
+    sizes = [spec.batch_size, *(b for _, b in spec.batch_schedule)]
+    for size in sizes:
+        if size > n_train:
+            field = "batch_size" if size == spec.batch_size else "batch_schedule"
+            raise SpecError(field, f"{size} exceeds the {n_train} training examples of {spec.task}")
+        if spec.micro_batch_size is not None and size % spec.micro_batch_size:
+            raise SpecError(
+                "micro_batch_size", f"{spec.micro_batch_size} does not divide batch size {size}"
+            )
+    if spec.budget_unit == "steps" and spec.budget != int(spec.budget):
+        raise SpecError("budget", f"a steps budget must be a whole number, got {spec.budget}")
+
+
+def plan(spec: RunSpec, n_train: int) -> Plan:
+    """Resolve the budget into steps and samples (walking the batch-size schedule)."""
+    validate_for_task(spec, n_train)
+    if spec.budget_unit == "steps":
+        max_steps, max_samples = int(spec.budget), math.inf
+    else:
+        per = n_train if spec.budget_unit == "epochs" else 1
+        max_steps, max_samples = math.inf, max(1, round(spec.budget * per))
+    steps = samples = 0
+    if not spec.batch_schedule:
+        steps = max_steps if max_steps < math.inf else math.ceil(max_samples / spec.batch_size)
+        samples = steps * spec.batch_size
+    else:
+        while steps < max_steps and samples < max_samples:
+            samples += batch_size_at(spec, samples / n_train)
+            steps += 1
+    eval_every = spec.eval_every or max(1, round(steps / AUTO_EVALS))
+    return Plan(
+        n_train=n_train,
+        total_steps=int(steps),
+        total_samples=int(samples),
+        eval_every=eval_every,
+        schedule_steps=samples / spec.batch_size,
+        warmup_steps=spec.warmup_epochs * n_train / spec.batch_size,
+    )
+
+
+def lr_schedule(spec: RunSpec, p: Plan) -> Callable[[float], float]:
+    """The spec's LR schedule as a function of the step counted at the first batch size."""
+    return build_lr_schedule(
+        spec.schedule,
+        spec.lr,
+        p.schedule_steps,
+        warmup_steps=p.warmup_steps,
+        warmup=spec.warmup,
+        **dict(spec.schedule_options),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Steppers: K models, one optimizer step, evaluation
+
+
+def _chunked_eval(
+    forward: Callable[[Tensor], Tensor], task: Task, x: Tensor, y: Tensor, rows: int
+) -> tuple[Tensor, Tensor]:
+    """Mean loss and metric over ``(x, y)`` per member, evaluated in chunks of ``rows`` examples.
+
+    ``forward(xc)`` returns logits of shape (K, n, ...).
+    """
+    loss_sum = metric_sum = None
+    for start in range(0, x.shape[0], rows):
+        xc, yc = x[start : start + rows], y[start : start + rows]
+        logits = forward(xc)
+        n = xc.shape[0]
+        losses = torch.stack([task.loss_fn(lg, yc) for lg in logits]) * n
+        metrics = torch.stack([task.metric(lg, yc).float() for lg in logits]) * n
+        loss_sum = losses if loss_sum is None else loss_sum + losses
+        metric_sum = metrics if metric_sum is None else metric_sum + metrics
+    assert loss_sum is not None and metric_sum is not None
+    return loss_sum / x.shape[0], metric_sum / x.shape[0]
+
+
+class _Solo:
+    """One ``nn.Module`` trained by ``torch.optim``: the reference every ensemble is tested against."""
+
+    def __init__(self, task: Task, spec: RunSpec, device: torch.device) -> None:
+        self.task, self.spec, self.size = task, spec, 1
+        self.model = task.make_model(spec.seed).to(device)
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise SpecError("task", f"the model of {spec.task} has no trainable parameters")
+        if spec.optimizer == "sgd":
+            self.opt: torch.optim.Optimizer = torch.optim.SGD(
+                params,
+                lr=spec.lr,
+                momentum=spec.momentum,
+                nesterov=spec.nesterov,
+                weight_decay=spec.weight_decay,
+            )
+        else:
+            cls = torch.optim.Adam if spec.optimizer == "adam" else torch.optim.AdamW
+            self.opt = cls(
+                params,
+                lr=spec.lr,
+                betas=(spec.beta1, spec.beta2),
+                eps=spec.eps,
+                weight_decay=spec.weight_decay,
+            )
+        if spec.nesterov and spec.optimizer == "sgd" and spec.momentum == 0:
+            raise SpecError("nesterov", "needs momentum > 0")
+
+    def step(self, idx: list[Tensor], lrs: list[float]) -> Tensor:
+        """One update on batch ``idx[0]``; returns the batch loss before the update, shape (1,)."""
+        for group in self.opt.param_groups:
+            group["lr"] = lrs[0]
+        x, y = self.task.x_train[idx[0]], self.task.y_train[idx[0]]
+        self.opt.zero_grad(set_to_none=True)
+        micro = self.spec.micro_batch_size
+        if micro is None or micro >= x.shape[0]:
+            loss = self.task.loss_fn(self.model(x), y)
+            loss.backward()
+            total = loss.detach()
+        else:
+            total = torch.zeros((), device=x.device)
+            for xs, ys in zip(x.split(micro), y.split(micro), strict=True):
+                part = self.task.loss_fn(self.model(xs), ys) * (xs.shape[0] / x.shape[0])
+                part.backward()
+                total += part.detach()
+        self.opt.step()
+        return total.reshape(1)
+
+    @torch.no_grad()
+    def evaluate(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean loss and metric over ``(x, y)`` in eval mode, shape (1,) each."""
+        self.model.eval()
+        try:
+            return _chunked_eval(lambda xc: self.model(xc).unsqueeze(0), self.task, x, y, EVAL_ROWS)
+        finally:
+            self.model.train()
+
+    def stop(self, member: int) -> None:
+        """Nothing to mask in a solo run: the loop ends it."""
+
+    def weights(self, member: int) -> dict[str, Tensor]:
+        """The final state dict, detached and on the CPU."""
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+
+class _Ensemble:
+    """K models of one architecture as stacked parameters, trained with ``vmap``.
+
+    The optimizer is vectorized over members and written to match ``torch.optim.SGD`` (momentum,
+    Nesterov, L2 weight decay), ``Adam`` (L2) and ``AdamW`` (decoupled decay) step for step.
+    """
+
+    def __init__(self, task: Task, specs: Sequence[RunSpec], device: torch.device) -> None:
+        from torch.func import functional_call, grad_and_value, stack_module_state, vmap
+
+        self.task, self.specs, self.size = task, list(specs), len(specs)
+        spec = specs[0]
+        models = [task.make_model(s.seed).to(device) for s in specs]
+        params, _ = stack_module_state(models)
+        self.params = {k: v.detach() for k, v in params.items()}
+        base = copy.deepcopy(models[0]).to("meta")
+        self.optimizer, self.nesterov = spec.optimizer, spec.nesterov
+
+        def member_logits(p: dict[str, Tensor], x: Tensor) -> Tensor:
+            return functional_call(base, p, (x,))
+
+        def member_loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            return task.loss_fn(member_logits(p, x), y)
+
+        self.shared_batch = len({s.seed for s in specs}) == 1
+        dims = None if self.shared_batch else 0
+        self._grad = vmap(grad_and_value(member_loss), in_dims=(0, dims, dims))
+        self._logits = vmap(member_logits, in_dims=(0, None))
+
+        def per_member(name: str) -> Tensor:
+            return torch.tensor([float(getattr(s, name)) for s in specs], device=device)
+
+        self.hyper = {name: per_member(name) for name in ("momentum", "weight_decay")}
+        self.hyper.update({name: per_member(name) for name in ("beta1", "beta2", "eps")})
+        self.alive = torch.ones(self.size, device=device)
+        self.state = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in self.params.items()}
+        self.t = 0
+
+    def _shape(self, v: Tensor, p: Tensor) -> Tensor:
+        """A per-member vector shaped to broadcast against stacked parameter ``p``."""
+        return v.view(-1, *([1] * (p.dim() - 1)))
+
+    def step(self, idx: list[Tensor], lrs: list[float]) -> Tensor:
+        """One vectorized update; ``idx`` holds one index tensor per member. Returns losses (K,)."""
+        if self.shared_batch:
+            x, y = self.task.x_train[idx[0]], self.task.y_train[idx[0]]
+        else:
+            stacked = torch.stack(idx)
+            x, y = self.task.x_train[stacked], self.task.y_train[stacked]
+        grads, losses = self._grad(self.params, x, y)
+        lr = torch.tensor(lrs, device=losses.device) * self.alive
+        self.t += 1
+        with torch.no_grad():
+            for name, p in self.params.items():
+                self._update(p, grads[name], *self.state[name], lr)
+        return losses.detach()
+
+    def _update(self, p: Tensor, g: Tensor, s1: Tensor, s2: Tensor, lr: Tensor) -> None:
+        h = {k: self._shape(v, p) for k, v in self.hyper.items()}
+        lr = self._shape(lr, p)
+        if self.optimizer == "sgd":
+            g = g + h["weight_decay"] * p
+            s1.mul_(h["momentum"]).add_(g)  # momentum buffer (zero-initialised: same as torch)
+            p.sub_(lr * (g + h["momentum"] * s1 if self.nesterov else s1))
+            return
+        if self.optimizer == "adamw":
+            p.mul_(1 - lr * h["weight_decay"])
+        else:
+            g = g + h["weight_decay"] * p
+        b1, b2 = h["beta1"], h["beta2"]
+        s1.lerp_(g, 1 - b1)
+        s2.mul_(b2).addcmul_(g, g * (1 - b2))
+        denom = (s2.sqrt() / torch.sqrt(1 - b2**self.t)).add_(h["eps"])
+        p.sub_(lr / (1 - b1**self.t) * s1 / denom)
+
+    @torch.no_grad()
+    def evaluate(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean loss and metric per member over ``(x, y)``, shape (K,) each."""
+        rows = max(1, EVAL_ROWS // self.size)
+        return _chunked_eval(lambda xc: self._logits(self.params, xc), self.task, x, y, rows)
+
+    def stop(self, member: int) -> None:
+        """Mask a diverged member: zero lr from now on and finite (zero) weights and state."""
+        self.alive[member] = 0.0
+        for name, p in self.params.items():
+            p[member] = 0.0
+            for s in self.state[name]:
+                s[member] = 0.0
+
+    def weights(self, member: int) -> dict[str, Tensor]:
+        """Member ``member``'s parameters under the names of ``make_model``'s state dict."""
+        return {k: v[member].detach().cpu().clone() for k, v in self.params.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _nan_final() -> dict[str, float]:
+    return {k: math.nan for k in ("train_loss", "train_metric", "val_loss", "val_metric")}
+
+
+def _run(
+    stepper: _Solo | _Ensemble,
+    specs: Sequence[RunSpec],
+    task: Task,
+    p: Plan,
+    progress: Progress | None,
+    keep_weights: bool,
+    device: torch.device,
+) -> list[RunResult]:
+    """Train the stepper's K members to the budget; return one result per member."""
+    k_members = len(specs)
+    spec0 = specs[0]
+    schedules = [lr_schedule(s, p) for s in specs]
+    streams: dict[int, BatchStream] = {}
+    for s in specs:
+        streams.setdefault(s.seed, BatchStream(p.n_train, s.seed, device))
+    histories: list[list[dict[str, Any]]] = [[] for _ in specs]
+    alive = [True] * k_members
+    diverged_at: list[int | None] = [None] * k_members
+    stopped_samples = [0] * k_members
+    thresholds = [math.inf] * k_members
+    loss_sum = torch.zeros(k_members, device=device)
+    n_since = 0
+    samples = 0
+    start = time.perf_counter()
+    tick = max(1, p.total_steps // 200)
+
+    def record(step: int, batch: int) -> None:
+        nonlocal loss_sum, n_since
+        val_loss, val_metric = stepper.evaluate(task.x_val, task.y_val)
+        train_loss = (loss_sum / n_since).tolist() if n_since else [math.nan] * k_members
+        vl, vm = val_loss.tolist(), val_metric.tolist()
+        wall = (time.perf_counter() - start) / k_members
+        for k in range(k_members):
+            if alive[k]:
+                histories[k].append(
+                    {
+                        "step": step,
+                        "samples": samples,
+                        "epoch": samples / p.n_train,
+                        "lr": schedules[k](samples / specs[k].batch_size),
+                        "batch_size": batch,
+                        "train_loss": train_loss[k],
+                        "val_loss": vl[k],
+                        "val_metric": vm[k],
+                        "wall_s": wall,
+                        "noise_scale": None,
+                    }
+                )
+        loss_sum = torch.zeros_like(loss_sum)
+        n_since = 0
+
+    batch = batch_size_at(spec0, 0.0)
+    record(0, batch)
+    step = 0
+    while step < p.total_steps and any(alive):
+        batch = batch_size_at(spec0, samples / p.n_train)
+        base_step = samples / spec0.batch_size
+        lrs = [sched(base_step) for sched in schedules]
+        idx = {seed: stream.next(batch) for seed, stream in streams.items()}
+        losses = stepper.step([idx[s.seed] for s in specs], lrs)
+        step += 1
+        samples += batch
+        values = losses.tolist()
+        for k, value in enumerate(values):
+            if not alive[k]:
+                continue
+            if step == 1 and math.isfinite(value):
+                thresholds[k] = specs[k].diverge_factor * max(value, 1e-12)
+            if not math.isfinite(value) or value > thresholds[k]:
+                alive[k] = False
+                diverged_at[k] = step
+                stopped_samples[k] = samples
+                stepper.stop(k)
+                log.info("run %s diverged at step %d (loss %s)", specs[k].run_id, step, value)
+        loss_sum += torch.nan_to_num(losses, nan=0.0, posinf=0.0, neginf=0.0)
+        n_since += 1
+        if step % p.eval_every == 0 or step == p.total_steps:
+            record(step, batch)
+        if progress is not None and (step % tick == 0 or step == p.total_steps):
+            progress(step, p.total_steps)
+
+    wall = time.perf_counter() - start
+    val = stepper.evaluate(task.x_val, task.y_val)
+    train = stepper.evaluate(task.x_train, task.y_train)
+    results = []
+    for k, spec in enumerate(specs):
+        ok = diverged_at[k] is None
+        final = (
+            {
+                "train_loss": train[0][k].item(),
+                "train_metric": train[1][k].item(),
+                "val_loss": val[0][k].item(),
+                "val_metric": val[1][k].item(),
+            }
+            if ok
+            else _nan_final()
+        )
+        done = step if ok else diverged_at[k]
+        assert done is not None
+        results.append(
+            RunResult(
+                spec=spec,
+                status="ok" if ok else "diverged",
+                steps=done,
+                samples=samples if ok else stopped_samples[k],
+                wall_s=wall / k_members,
+                history=histories[k],
+                final=final,
+                diverged_at=diverged_at[k],
+                extra={
+                    "ensemble_size": k_members,
+                    "ensemble_wall_s": wall,
+                    "device": str(device),
+                    "threads": torch.get_num_threads(),
+                    "metric": task.metric_name,
+                    "n_train": p.n_train,
+                },
+                weights=stepper.weights(k) if keep_weights and ok else None,
+            )
+        )
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _resolve_task(spec: RunSpec, task: Task | None, device: torch.device) -> Task:
+    if task is None:
+        task = get_task(spec.task, **dict(spec.task_options))
+    return task.to(device)
+
+
+def _failed(spec: RunSpec, exc: BaseException, started: float) -> RunResult:
+    log.warning("run %s failed: %s", spec.run_id, exc)
+    return RunResult(
+        spec=spec,
+        status="failed",
+        steps=0,
+        samples=0,
+        wall_s=time.perf_counter() - started,
+        final=_nan_final(),
+        error=f"{type(exc).__name__}: {exc}",
+        extra={"traceback": traceback.format_exc(limit=8)},
+    )
+
+
+def train(
+    spec: RunSpec,
+    *,
+    task: Task | None = None,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+    keep_weights: bool = False,
+) -> RunResult:
+    """Train one run to its budget and return what it produced.
+
+    Bad specs raise ``SpecError`` before any training; an exception during training is returned as a
+    ``failed`` result, and a non-finite or exploding loss as ``diverged`` at its step.
+
+    Args:
+        spec: the frozen run description; its ``task`` is loaded unless ``task`` is given.
+        task: an already built task (saves rebuilding data in sweeps).
+        device: where to train; CUDA when present by default.
+        progress: ``progress(steps_done, total_steps)`` callback.
+        keep_weights: put the final weights in ``RunResult.weights``.
+    """
+    dev = resolve_device(device)
+    task = _resolve_task(spec, task, dev)
+    p = plan(spec, task.n_train)
+    log.info(p.describe(spec))
+    started = time.perf_counter()
+    try:
+        stepper = _Solo(task, spec, dev)
+        return _run(stepper, [spec], task, p, progress, keep_weights, dev)[0]
+    except SpecError:
+        raise
+    except Exception as exc:  # a user model or task can fail in any way: record it, go on
+        return _failed(spec, exc, started)
+
+
+def ensemble_key(spec: RunSpec) -> str:
+    """Specs with equal keys differ only in ``MEMBER_FIELDS`` and can train as one ensemble."""
+    d = spec.to_dict()
+    for name in MEMBER_FIELDS:
+        d.pop(name)
+    return json.dumps(d, sort_keys=True)
+
+
+def can_vectorize(task: Task, spec: RunSpec | None = None) -> tuple[bool, str]:
+    """Whether runs of ``task`` (and ``spec``) can train as a ``vmap`` ensemble, and why not."""
+    if spec is not None and spec.micro_batch_size is not None:
+        return False, "gradient accumulation runs solo"
+    if spec is not None and spec.noise_scale:
+        return False, "noise-scale measurement runs solo"
+    model = task.make_model(0)
+    if any(True for _ in model.buffers()):
+        return False, "the model has buffers (e.g. batch norm), which vmap cannot update"
+    try:
+        from torch.func import functional_call, stack_module_state, vmap
+
+        params, _ = stack_module_state([model, task.make_model(1)])
+        base = copy.deepcopy(model).to("meta")
+        vmap(lambda p, x: functional_call(base, p, (x,)), in_dims=(0, None))(
+            params, task.x_train[:2]
+        )
+    except Exception as exc:  # torch.func raises many kinds of errors for unsupported models
+        return False, f"torch.func cannot vectorize the model ({type(exc).__name__}: {exc})"
+    return True, ""
+
+
+def train_ensemble(
+    specs: Sequence[RunSpec],
+    *,
+    task: Task | None = None,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+    keep_weights: bool = False,
+    max_members: int | None = None,
+) -> list[RunResult]:
+    """Train many runs, vectorizing those that share a batch size and budget; results in input order.
+
+    Specs that differ only in ``MEMBER_FIELDS`` (lr, seed, momentum, ...) train as one stacked model
+    of at most ``max_members`` members (default: as many as fit ``ENSEMBLE_ROWS`` batch rows); the
+    rest, and models ``torch.func`` cannot handle, train solo (logged once, with the reason).
+    """
+    if not specs:
+        return []
+    dev = resolve_device(device)
+    tasks: dict[str, Task] = {}
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(specs):
+        groups.setdefault(ensemble_key(s), []).append(i)
+    total = sum(plan(s, _task_for(s, task, tasks, dev).n_train).total_steps for s in specs)
+    done_before = 0
+    out: list[RunResult | None] = [None] * len(specs)
+    for members in groups.values():
+        first = specs[members[0]]
+        t = _task_for(first, task, tasks, dev)
+        p = plan(first, t.n_train)
+        ok, why = can_vectorize(t, first)
+        cap = max_members or max(1, ENSEMBLE_ROWS // first.batch_size)
+        if not ok and len(members) > 1:
+            log.info("%s: %d runs train one after another: %s", first.task, len(members), why)
+        size = cap if ok else 1
+        for lo in range(0, len(members), size):
+            chunk = members[lo : lo + size]
+            chunk_specs = [specs[i] for i in chunk]
+            offset = done_before
+
+            def report(done: int, _total: int, offset: int = offset, n: int = len(chunk)) -> None:
+                if progress is not None:
+                    progress(offset + done * n, total)
+
+            started = time.perf_counter()
+            try:
+                if len(chunk) == 1:
+                    stepper: _Solo | _Ensemble = _Solo(t, chunk_specs[0], dev)
+                else:
+                    stepper = _Ensemble(t, chunk_specs, dev)
+                results = _run(stepper, chunk_specs, t, p, report, keep_weights, dev)
+            except SpecError:
+                raise
+            except Exception as exc:  # as in train(): a failure is a result
+                results = [_failed(s, exc, started) for s in chunk_specs]
+            for i, r in zip(chunk, results, strict=True):
+                out[i] = r
+            done_before += p.total_steps * len(chunk)
+    return [r for r in out if r is not None]
+
+
+def _task_for(spec: RunSpec, given: Task | None, cache: dict[str, Task], dev: torch.device) -> Task:
+    """The task of ``spec``, built once per distinct (task, options)."""
+    key = json.dumps([spec.task, spec.task_options], default=str)
+    if key not in cache:
+        cache[key] = _resolve_task(spec, given, dev)
+    return cache[key]
+
+
+def build_model(task: Task, spec: RunSpec, weights: dict[str, Tensor] | None = None) -> nn.Module:
+    """``task.make_model(spec.seed)``, with ``weights`` loaded when given (e.g. from the store)."""
+    model = task.make_model(spec.seed)
+    if weights is not None:
+        model.load_state_dict(weights)
+    return model
