@@ -123,7 +123,7 @@ def plan(spec: RunSpec, n_train: int) -> Plan:
             samples += batch_size_at(spec, samples / n_train)
             steps += 1
     eval_every = spec.eval_every or max(1, round(steps / AUTO_EVALS))
-    return Plan(
+    resolved = Plan(
         n_train=n_train,
         total_steps=int(steps),
         total_samples=int(samples),
@@ -131,6 +131,12 @@ def plan(spec: RunSpec, n_train: int) -> Plan:
         schedule_steps=samples / spec.batch_size,
         warmup_steps=spec.warmup_epochs * n_train / spec.batch_size,
     )
+    try:
+        lr_schedule(spec, resolved)
+    except ValueError as exc:  # core reports "field: message"
+        field, _, message = str(exc).partition(": ")
+        raise SpecError(field if message else "schedule_options", message or str(exc)) from exc
+    return resolved
 
 
 def lr_schedule(spec: RunSpec, p: Plan) -> Callable[[float], float]:
@@ -196,9 +202,7 @@ class _Solo:
                 eps=spec.eps,
                 weight_decay=spec.weight_decay,
             )
-        if spec.nesterov and spec.optimizer == "sgd" and spec.momentum == 0:
-            raise SpecError("nesterov", "needs momentum > 0")
-
+    
     def step(self, idx: list[Tensor], lrs: list[float]) -> Tensor:
         """One update on batch ``idx[0]``; returns the batch loss before the update, shape (1,)."""
         for group in self.opt.param_groups:

@@ -1,0 +1,190 @@
+"""``batchlab train``: one run from the command line, optionally stored in the run database."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from batchlab.cli._app import app, console, emit_json, fail
+from batchlab.engine.spec import OPTIMIZERS, RunResult, RunSpec, SpecError
+
+log = logging.getLogger(__name__)
+
+
+def parse_options(pairs: list[str], field: str = "task_option") -> dict[str, Any]:
+    """``["n_samples=50000", "norm=batch"]`` -> ``{"n_samples": 50000, "norm": "batch"}`` (JSON values)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            fail(field, f"expected KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def budget_of(epochs: float | None, steps: int | None, samples: int | None) -> tuple[str, float]:
+    """The one budget given on the command line (epochs by default: 1 epoch)."""
+    given = [(u, v) for u, v in (("epochs", epochs), ("steps", steps), ("samples", samples)) if v]
+    if len(given) > 1:
+        fail("budget", "give one of --epochs, --steps, --samples")
+    return given[0] if given else ("epochs", 1.0)
+
+
+def open_store(db: Path | None) -> Any:
+    """The run store at ``db`` (created when missing), or ``None``; an unusable file is exit 2."""
+    if db is None:
+        return None
+    from batchlab.sweep.store import Store, StoreError
+
+    try:
+        return Store(db)
+    except StoreError as exc:
+        fail(exc.field, str(exc).removeprefix(f"{exc.field}: "))
+
+
+def result_table(result: RunResult) -> Table:
+    """The key numbers of one run as a rich table."""
+    table = Table(title=f"run {result.run_id}: {result.status}", show_header=False)
+    f = result.final
+    rows = [
+        ("task", result.spec.task),
+        ("batch size / lr", f"{result.spec.batch_size} / {result.spec.lr:g}"),
+        ("steps / samples", f"{result.steps} / {result.samples}"),
+        ("epochs", f"{result.to_dict()['epochs']:.3g}"),
+        ("train loss / metric", f"{f.get('train_loss', float('nan')):.4f} / {f.get('train_metric', float('nan')):.4f}"),
+        ("val loss / metric", f"{f.get('val_loss', float('nan')):.4f} / {f.get('val_metric', float('nan')):.4f}"),
+        ("wall time", f"{result.wall_s:.1f} s"),
+    ]
+    if result.diverged_at is not None:
+        rows.append(("diverged at step", str(result.diverged_at)))
+    if result.error:
+        rows.append(("error", result.error))
+    for key, value in result.extra.get("sharpness", {}).items():
+        rows.append((f"sharpness: {key}", f"{value:.4g}" if isinstance(value, float) else str(value)))
+    for key, label in (("start", "noise scale (start)"), ("end", "noise scale (end)")):
+        est = result.extra.get("noise_scale", {}).get(key)
+        if est:
+            rows.append((label, f"{est['value']:.4g} [{est['low']:.4g}, {est['high']:.4g}]"))
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+@app.command()
+def train(
+    task: str = typer.Option(..., help="Built-in task (see `batchlab tasks`) or module:function."),
+    batch_size: int = typer.Option(..., "--batch-size", "-b", help="Examples per optimizer update."),
+    lr: float = typer.Option(..., help="Peak learning rate (after warmup)."),
+    optimizer: str = typer.Option("sgd", help=f"One of {', '.join(OPTIMIZERS)}."),
+    momentum: float = typer.Option(0.0, help="SGD momentum."),
+    nesterov: bool = typer.Option(False, help="Nesterov momentum (SGD)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="L2 (SGD, Adam) or decoupled (AdamW)."),
+    beta1: float = typer.Option(0.9, help="Adam beta1."),
+    beta2: float = typer.Option(0.999, help="Adam beta2."),
+    schedule: str = typer.Option("constant", help="LR schedule: constant, cosine, linear, step, multistep, exponential."),
+    schedule_option: list[str] = typer.Option([], "--schedule-option", help="Schedule parameter KEY=VALUE (repeatable), e.g. milestones=[0.5,0.75]."),
+    warmup_epochs: float = typer.Option(0.0, "--warmup-epochs", help="Warmup length in epochs."),
+    warmup: str = typer.Option("linear", help="Warmup shape: linear or exponential."),
+    epochs: float | None = typer.Option(None, help="Budget in epochs (default 1)."),
+    steps: int | None = typer.Option(None, help="Budget in optimizer steps."),
+    samples: int | None = typer.Option(None, help="Budget in examples seen."),
+    seed: int = typer.Option(0, help="Seed of the initial weights and the batch order."),
+    micro_batch_size: int | None = typer.Option(None, "--micro-batch-size", help="Gradient accumulation: micro-batch size dividing --batch-size."),
+    eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (0: about 50 times per run)."),
+    task_option: list[str] = typer.Option([], "--task-option", "-o", help="Task option KEY=VALUE (repeatable), e.g. n_samples=20000."),
+    noise_scale: bool = typer.Option(False, "--noise-scale", help="Measure the gradient noise scale during training."),
+    sharpness: bool = typer.Option(False, "--sharpness", help="Measure sharpness (top Hessian eigenvalue, Keskar) at the end."),
+    save_weights: bool = typer.Option(False, "--save-weights", help="Store the final weights (needs --db)."),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)."),
+    db: Path | None = typer.Option(None, help="Store the run in this SQLite file."),
+    study: str | None = typer.Option(None, help="Study name the stored run belongs to."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Train one run and print its result (status, steps, final losses and metric, wall time)."""
+    from batchlab.engine.tasks import get_task
+    from batchlab.engine.train import plan
+    from batchlab.engine.train import train as run_train
+
+    if not lr > 0:
+        fail("lr", f"must be > 0, got {lr}")
+    if save_weights and db is None:
+        fail("save_weights", "needs --db to store the weights in")
+    unit, amount = budget_of(epochs, steps, samples)
+    options = parse_options(task_option)
+    try:
+        spec = RunSpec(
+            task=task,
+            batch_size=batch_size,
+            lr=lr,
+            task_options=tuple(options.items()),
+            optimizer=optimizer,
+            momentum=momentum,
+            nesterov=nesterov,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            schedule=schedule,
+            schedule_options=tuple(parse_options(schedule_option, "schedule_option").items()),
+            warmup_epochs=warmup_epochs,
+            warmup=warmup,
+            budget_unit=unit,
+            budget=amount,
+            eval_every=eval_every,
+            seed=seed,
+            micro_batch_size=micro_batch_size,
+            noise_scale=noise_scale,
+        )
+        built = get_task(task, **options)
+        p = plan(spec, built.n_train)
+    except SpecError as exc:
+        fail(exc.field, str(exc).removeprefix(f"{exc.field}: "))
+    store = open_store(db)
+    console.print(f"[dim]{p.describe(spec)}[/dim]")
+    with Progress(
+        TextColumn("training"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=json_out,
+        transient=True,
+    ) as bar:
+        job = bar.add_task("train", total=p.total_steps)
+        result = run_train(
+            spec,
+            task=built,
+            device=device,
+            progress=lambda done, total: bar.update(job, completed=done),
+            keep_weights=save_weights or sharpness,
+        )
+    if sharpness and result.status == "ok":
+        result.extra["sharpness"] = measure_sharpness(result, built)
+    if store is not None:
+        with store:
+            store.put(result, study=study, weights=result.weights if save_weights else None)
+    if json_out:
+        emit_json(result.to_dict())
+    else:
+        Console().print(result_table(result))
+
+
+def measure_sharpness(result: RunResult, task: Any) -> dict[str, float]:
+    """Top Hessian eigenvalue (vs the stability edge 2/lr) and Keskar sharpness of the final weights."""
+    from batchlab.engine.sharpness import sharpness_report
+    from batchlab.engine.train import build_model
+
+    model = build_model(task, result.spec, result.weights)
+    n = min(task.n_train, 2048)
+    return sharpness_report(
+        model, task.loss_fn, task.x_train[:n], task.y_train[:n], lr=result.spec.lr
+    )
