@@ -243,8 +243,10 @@ class _Solo:
 class _Ensemble:
     """K models of one architecture as stacked parameters, trained with ``vmap``.
 
-    The optimizer is vectorized over members and written to match ``torch.optim.SGD`` (momentum,
-    Nesterov, L2 weight decay), ``Adam`` (L2) and ``AdamW`` (decoupled decay) step for step.
+    All parameters live in one (K, P) buffer (``params`` holds views into it), so the vectorized
+    optimizer is a handful of tensor ops per step whatever the number of layers. It matches
+    ``torch.optim.SGD`` (momentum, Nesterov, L2 weight decay), ``Adam`` (L2) and ``AdamW`` (decoupled
+    decay) update for update, with per-member hyper-parameters.
     """
 
     def __init__(self, task: Task, specs: Sequence[RunSpec], device: torch.device) -> None:
@@ -253,8 +255,14 @@ class _Ensemble:
         self.task, self.specs, self.size = task, list(specs), len(specs)
         spec = specs[0]
         models = [task.make_model(s.seed).to(device) for s in specs]
-        params, _ = stack_module_state(models)
-        self.params = {k: v.detach() for k, v in params.items()}
+        stacked, _ = stack_module_state(models)
+        self.flat = torch.cat([v.detach().reshape(self.size, -1) for v in stacked.values()], 1)
+        self.params: dict[str, Tensor] = {}
+        offset = 0
+        for name, v in stacked.items():
+            n = v[0].numel()
+            self.params[name] = self.flat[:, offset : offset + n].unflatten(1, v.shape[1:])
+            offset += n
         base = copy.deepcopy(models[0]).to("meta")
         self.optimizer, self.nesterov = spec.optimizer, spec.nesterov
 
@@ -270,17 +278,14 @@ class _Ensemble:
         self._logits = vmap(member_logits, in_dims=(0, None))
 
         def per_member(name: str) -> Tensor:
-            return torch.tensor([float(getattr(s, name)) for s in specs], device=device)
+            return torch.tensor([float(getattr(s, name)) for s in specs], device=device)[:, None]
 
-        self.hyper = {name: per_member(name) for name in ("momentum", "weight_decay")}
-        self.hyper.update({name: per_member(name) for name in ("beta1", "beta2", "eps")})
+        names = ("momentum", "weight_decay", "beta1", "beta2", "eps")
+        self.hyper = {name: per_member(name) for name in names}
+        self.decay = any(s.weight_decay for s in specs)
         self.alive = torch.ones(self.size, device=device)
-        self.state = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in self.params.items()}
+        self.s1, self.s2 = torch.zeros_like(self.flat), torch.zeros_like(self.flat)
         self.t = 0
-
-    def _shape(self, v: Tensor, p: Tensor) -> Tensor:
-        """A per-member vector shaped to broadcast against stacked parameter ``p``."""
-        return v.view(-1, *([1] * (p.dim() - 1)))
 
     def step(self, idx: list[Tensor], lrs: list[float]) -> Tensor:
         """One vectorized update; ``idx`` holds one index tensor per member. Returns losses (K,)."""
@@ -290,29 +295,29 @@ class _Ensemble:
             stacked = torch.stack(idx)
             x, y = self.task.x_train[stacked], self.task.y_train[stacked]
         grads, losses = self._grad(self.params, x, y)
-        lr = torch.tensor(lrs, device=losses.device) * self.alive
+        g = torch.cat([grads[name].reshape(self.size, -1) for name in self.params], 1)
+        lr = (torch.tensor(lrs, device=losses.device) * self.alive)[:, None]
         self.t += 1
         with torch.no_grad():
-            for name, p in self.params.items():
-                self._update(p, grads[name], *self.state[name], lr)
+            self._update(g, lr)
         return losses.detach()
 
-    def _update(self, p: Tensor, g: Tensor, s1: Tensor, s2: Tensor, lr: Tensor) -> None:
-        h = {k: self._shape(v, p) for k, v in self.hyper.items()}
-        lr = self._shape(lr, p)
+    def _update(self, g: Tensor, lr: Tensor) -> None:
+        p, h, s1 = self.flat, self.hyper, self.s1
         if self.optimizer == "sgd":
-            g = g + h["weight_decay"] * p
+            if self.decay:
+                g = g + h["weight_decay"] * p
             s1.mul_(h["momentum"]).add_(g)  # momentum buffer (zero-initialised: same as torch)
             p.sub_(lr * (g + h["momentum"] * s1 if self.nesterov else s1))
             return
         if self.optimizer == "adamw":
             p.mul_(1 - lr * h["weight_decay"])
-        else:
+        elif self.decay:
             g = g + h["weight_decay"] * p
         b1, b2 = h["beta1"], h["beta2"]
         s1.lerp_(g, 1 - b1)
-        s2.mul_(b2).addcmul_(g, g * (1 - b2))
-        denom = (s2.sqrt() / torch.sqrt(1 - b2**self.t)).add_(h["eps"])
+        self.s2.mul_(b2).addcmul_(g, g * (1 - b2))
+        denom = (self.s2.sqrt() / torch.sqrt(1 - b2**self.t)).add_(h["eps"])
         p.sub_(lr / (1 - b1**self.t) * s1 / denom)
 
     @torch.no_grad()
@@ -324,10 +329,8 @@ class _Ensemble:
     def stop(self, member: int) -> None:
         """Mask a diverged member: zero lr from now on and finite (zero) weights and state."""
         self.alive[member] = 0.0
-        for name, p in self.params.items():
-            p[member] = 0.0
-            for s in self.state[name]:
-                s[member] = 0.0
+        for t in (self.flat, self.s1, self.s2):
+            t[member] = 0.0
 
     def weights(self, member: int) -> dict[str, Tensor]:
         """Member ``member``'s parameters under the names of ``make_model``'s state dict."""
