@@ -13,7 +13,7 @@ from batchlab.engine.spec import RunSpec, SpecError
 from batchlab.engine.tasks import Task
 from batchlab.engine.train import (
     _Solo,
-    batch_size_at,
+    batch_size_in_force,
     can_vectorize,
     ensemble_key,
     plan,
@@ -90,7 +90,7 @@ def test_budget_units(task, unit, budget, steps, samples):
 
 def test_batch_schedule_grows_the_batch(task):
     s = spec(budget_unit="epochs", budget=2, batch_schedule=((1.0, 128),))
-    assert batch_size_at(s, 0.5) == 32 and batch_size_at(s, 1.0) == 128
+    assert batch_size_in_force(s, 0.5) == 32 and batch_size_in_force(s, 1.0) == 128
     p = plan(s, task.n_train)
     assert p.total_steps == 16 + 4  # one epoch at 32, one at 128
     r = train(s, task=task)

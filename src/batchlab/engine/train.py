@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from batchlab.core.schedules import build_lr_schedule
+from batchlab.core.schedules import batch_size_at, build_lr_schedule
 from batchlab.engine.data import BatchStream, resolve_device
 from batchlab.engine.spec import RunResult, RunSpec, SpecError
 from batchlab.engine.tasks import Task, get_task
@@ -82,13 +82,9 @@ class Plan:
         )
 
 
-def batch_size_at(spec: RunSpec, epoch: float) -> int:
-    """The batch size in force at ``epoch`` under ``spec.batch_schedule``."""
-    size = spec.batch_size
-    for start, scheduled in sorted(spec.batch_schedule):
-        if epoch >= start:
-            size = scheduled
-    return size
+def batch_size_in_force(spec: RunSpec, epoch: float) -> int:
+    """The batch size of ``spec`` at ``epoch`` (its ``batch_schedule``, same tolerance as the LR)."""
+    return batch_size_at(spec.batch_size, spec.batch_schedule, epoch)
 
 
 def validate_for_task(spec: RunSpec, n_train: int) -> None:
@@ -120,7 +116,7 @@ def plan(spec: RunSpec, n_train: int) -> Plan:
         samples = steps * spec.batch_size
     else:
         while steps < max_steps and samples < max_samples:
-            samples += batch_size_at(spec, samples / n_train)
+            samples += batch_size_in_force(spec, samples / n_train)
             steps += 1
     eval_every = spec.eval_every or max(1, round(steps / AUTO_EVALS))
     resolved = Plan(
@@ -128,7 +124,8 @@ def plan(spec: RunSpec, n_train: int) -> Plan:
         total_steps=int(steps),
         total_samples=int(samples),
         eval_every=eval_every,
-        schedule_steps=samples / spec.batch_size,
+        # the budget's samples, not the last batch's overshoot: milestones stay on their epochs
+        schedule_steps=min(samples, max_samples) / spec.batch_size,
         warmup_steps=spec.warmup_epochs * n_train / spec.batch_size,
     )
     try:
@@ -397,11 +394,11 @@ def _run(
         loss_sum = torch.zeros_like(loss_sum)
         n_since = 0
 
-    batch = batch_size_at(spec0, 0.0)
+    batch = batch_size_in_force(spec0, 0.0)
     record(0, batch)
     step = 0
     while step < p.total_steps and any(alive):
-        batch = batch_size_at(spec0, samples / p.n_train)
+        batch = batch_size_in_force(spec0, samples / p.n_train)
         base_step = samples / spec0.batch_size
         lrs = [sched(base_step) for sched in schedules]
         idx = {seed: stream.next(batch) for seed, stream in streams.items()}
