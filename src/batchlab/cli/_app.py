@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 app = typer.Typer(
     add_completion=False,
@@ -24,6 +25,19 @@ def fail(field: str, message: str) -> NoReturn:
     """Print one clear error line naming the bad field, exit with code 2."""
     typer.echo(f"error: {field}: {message}", err=True)
     raise typer.Exit(code=2)
+
+
+def progress_bar(label: str, *, disable: bool = False, unit: str = "") -> Progress:
+    """A transient progress bar on stderr (hidden with ``--json``): ``label [bar] done/total ETA``."""
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}" + (f" {unit}" if unit else "")),
+        TimeRemainingColumn(),
+        console=console,
+        disable=disable,
+        transient=True,
+    )
 
 
 def emit_json(obj: Any) -> None:

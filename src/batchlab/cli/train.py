@@ -9,10 +9,9 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from batchlab.cli._app import app, console, emit_json, fail
+from batchlab.cli._app import app, console, emit_json, fail, progress_bar
 from batchlab.engine.spec import OPTIMIZERS, RunResult, RunSpec, SpecError
 
 log = logging.getLogger(__name__)
@@ -61,8 +60,14 @@ def result_table(result: RunResult) -> Table:
         ("batch size / lr", f"{result.spec.batch_size} / {result.spec.lr:g}"),
         ("steps / samples", f"{result.steps} / {result.samples}"),
         ("epochs", f"{result.to_dict()['epochs']:.3g}"),
-        ("train loss / metric", f"{f.get('train_loss', float('nan')):.4f} / {f.get('train_metric', float('nan')):.4f}"),
-        ("val loss / metric", f"{f.get('val_loss', float('nan')):.4f} / {f.get('val_metric', float('nan')):.4f}"),
+        (
+            "train loss / metric",
+            f"{f.get('train_loss', float('nan')):.4f} / {f.get('train_metric', float('nan')):.4f}",
+        ),
+        (
+            "val loss / metric",
+            f"{f.get('val_loss', float('nan')):.4f} / {f.get('val_metric', float('nan')):.4f}",
+        ),
         ("wall time", f"{result.wall_s:.1f} s"),
     ]
     if result.diverged_at is not None:
@@ -70,7 +75,9 @@ def result_table(result: RunResult) -> Table:
     if result.error:
         rows.append(("error", result.error))
     for key, value in result.extra.get("sharpness", {}).items():
-        rows.append((f"sharpness: {key}", f"{value:.4g}" if isinstance(value, float) else str(value)))
+        rows.append(
+            (f"sharpness: {key}", f"{value:.4g}" if isinstance(value, float) else str(value))
+        )
     for key, label in (("start", "noise scale (start)"), ("end", "noise scale (end)")):
         est = result.extra.get("noise_scale", {}).get(key)
         if est:
@@ -83,29 +90,55 @@ def result_table(result: RunResult) -> Table:
 @app.command()
 def train(
     task: str = typer.Option(..., help="Built-in task (see `batchlab tasks`) or module:function."),
-    batch_size: int = typer.Option(..., "--batch-size", "-b", help="Examples per optimizer update."),
+    batch_size: int = typer.Option(
+        ..., "--batch-size", "-b", help="Examples per optimizer update."
+    ),
     lr: float = typer.Option(..., help="Peak learning rate (after warmup)."),
     optimizer: str = typer.Option("sgd", help=f"One of {', '.join(OPTIMIZERS)}."),
     momentum: float = typer.Option(0.0, help="SGD momentum."),
     nesterov: bool = typer.Option(False, help="Nesterov momentum (SGD)."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="L2 (SGD, Adam) or decoupled (AdamW)."),
+    weight_decay: float = typer.Option(
+        0.0, "--weight-decay", help="L2 (SGD, Adam) or decoupled (AdamW)."
+    ),
     beta1: float = typer.Option(0.9, help="Adam beta1."),
     beta2: float = typer.Option(0.999, help="Adam beta2."),
-    schedule: str = typer.Option("constant", help="LR schedule: constant, cosine, linear, step, multistep, exponential."),
-    schedule_option: list[str] = typer.Option([], "--schedule-option", help="Schedule parameter KEY=VALUE (repeatable), e.g. milestones=[0.5,0.75]."),
+    schedule: str = typer.Option(
+        "constant", help="LR schedule: constant, cosine, linear, step, multistep, exponential."
+    ),
+    schedule_option: list[str] = typer.Option(
+        [],
+        "--schedule-option",
+        help="Schedule parameter KEY=VALUE (repeatable), e.g. milestones=[0.5,0.75].",
+    ),
     warmup_epochs: float = typer.Option(0.0, "--warmup-epochs", help="Warmup length in epochs."),
     warmup: str = typer.Option("linear", help="Warmup shape: linear or exponential."),
     epochs: float | None = typer.Option(None, help="Budget in epochs (default 1)."),
     steps: int | None = typer.Option(None, help="Budget in optimizer steps."),
     samples: int | None = typer.Option(None, help="Budget in examples seen."),
     seed: int = typer.Option(0, help="Seed of the initial weights and the batch order."),
-    micro_batch_size: int | None = typer.Option(None, "--micro-batch-size", help="Gradient accumulation: micro-batch size dividing --batch-size."),
-    eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (0: about 50 times per run)."),
-    task_option: list[str] = typer.Option([], "--task-option", "-o", help="Task option KEY=VALUE (repeatable), e.g. n_samples=20000."),
-    noise_scale: bool = typer.Option(False, "--noise-scale", help="Measure the gradient noise scale during training."),
-    sharpness: bool = typer.Option(False, "--sharpness", help="Measure sharpness (top Hessian eigenvalue, Keskar) at the end."),
-    save_weights: bool = typer.Option(False, "--save-weights", help="Store the final weights (needs --db)."),
-    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)."),
+    micro_batch_size: int | None = typer.Option(
+        None,
+        "--micro-batch-size",
+        help="Gradient accumulation: micro-batch size dividing --batch-size.",
+    ),
+    eval_every: int = typer.Option(
+        0, "--eval-every", help="Evaluate every N steps (0: about 50 times per run)."
+    ),
+    task_option: list[str] = typer.Option(
+        [], "--task-option", "-o", help="Task option KEY=VALUE (repeatable), e.g. n_samples=20000."
+    ),
+    noise_scale: bool = typer.Option(
+        False, "--noise-scale", help="Measure the gradient noise scale during training."
+    ),
+    sharpness: bool = typer.Option(
+        False, "--sharpness", help="Measure sharpness (top Hessian eigenvalue, Keskar) at the end."
+    ),
+    save_weights: bool = typer.Option(
+        False, "--save-weights", help="Store the final weights (needs --db)."
+    ),
+    device: str | None = typer.Option(
+        None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)."
+    ),
     db: Path | None = typer.Option(None, help="Store the run in this SQLite file."),
     study: str | None = typer.Option(None, help="Study name the stored run belongs to."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -150,15 +183,7 @@ def train(
         fail(exc.field, str(exc).removeprefix(f"{exc.field}: "))
     store = open_store(db)
     console.print(f"[dim]{p.describe(spec)}[/dim]")
-    with Progress(
-        TextColumn("training"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=json_out,
-        transient=True,
-    ) as bar:
+    with progress_bar("training", disable=json_out, unit="steps") as bar:
         job = bar.add_task("train", total=p.total_steps)
         result = run_train(
             spec,
@@ -168,7 +193,9 @@ def train(
             keep_weights=save_weights or sharpness,
         )
     if sharpness and result.status == "ok":
-        result.extra["sharpness"] = measure_sharpness(result, built)
+        from batchlab.engine.sharpness import run_sharpness
+
+        result.extra["sharpness"] = run_sharpness(spec, result.weights, task=built, device=device)
     if store is not None:
         with store:
             store.put(result, study=study, weights=result.weights if save_weights else None)
@@ -176,15 +203,3 @@ def train(
         emit_json(result.to_dict())
     else:
         Console().print(result_table(result))
-
-
-def measure_sharpness(result: RunResult, task: Any) -> dict[str, float]:
-    """Top Hessian eigenvalue (vs the stability edge 2/lr) and Keskar sharpness of the final weights."""
-    from batchlab.engine.sharpness import sharpness_report
-    from batchlab.engine.train import build_model
-
-    model = build_model(task, result.spec, result.weights)
-    n = min(task.n_train, 2048)
-    return sharpness_report(
-        model, task.loss_fn, task.x_train[:n], task.y_train[:n], lr=result.spec.lr
-    )
