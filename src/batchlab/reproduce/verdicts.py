@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from batchlab.core.fit import mean_se
+
 Verdict = Literal["supported", "not_supported", "inconclusive"]
 
 
@@ -61,20 +63,6 @@ RULES: dict[int, str] = {
     "higher at the largest batch than at the smallest in every seed. Not supported when it is lower or "
     "equal at the largest batch in every seed. Inconclusive otherwise (also when nothing diverged).",
 }
-
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error over seeds (SE = 0 for a single value, NaN for none).
-
-    >>> mean_se([1.0, 2.0, 3.0])
-    (2.0, 0.5773502691896258)
-    """
-    arr = np.asarray(values, dtype=float)
-    arr = arr[np.isfinite(arr)]
-    if arr.size == 0:
-        return math.nan, math.nan
-    se = float(arr.std(ddof=1) / math.sqrt(arr.size)) if arr.size > 1 else 0.0
-    return float(arr.mean()), se
 
 
 def _monotone_up(row: Sequence[float], strict: bool = True) -> bool:
