@@ -202,3 +202,18 @@ def test_keep_weights_returns_the_final_state(task):
     assert loss == pytest.approx(r.final["val_loss"], rel=1e-5)
     [member] = train_ensemble([spec(), spec(lr=0.2)], task=task, keep_weights=True)[:1]
     assert member.weights.keys() == r.weights.keys()
+
+
+@pytest.mark.parametrize("micro", [None, 8])
+def test_noise_scale_is_logged_without_changing_the_run(task, micro):
+    plain = train(spec(momentum=0.9, micro_batch_size=micro, eval_every=10), task=task)
+    measured = train(
+        spec(momentum=0.9, micro_batch_size=micro, eval_every=10, noise_scale=True), task=task
+    )
+    assert measured.final["train_loss"] == pytest.approx(plain.final["train_loss"], rel=1e-5)
+    values = [row["noise_scale"] for row in measured.history[1:]]
+    assert all(v is not None and v > 0 for v in values)
+    assert all(row["noise_scale"] is None for row in plain.history)
+    summary = measured.extra["noise_scale"]
+    assert summary["end"]["low"] <= summary["end"]["value"] <= summary["end"]["high"]
+    assert summary["end"]["step"] == 40

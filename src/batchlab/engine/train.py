@@ -54,7 +54,16 @@ ENSEMBLE_ROWS = 1 << 14
 """Members x batch rows per vectorized step. Beyond this the stacked activations leave the CPU cache
 and K solo runs are as fast (measured in ``benchmarks/bench_sweep.py``), so larger groups are split."""
 
-MEMBER_FIELDS = ("lr", "seed", "momentum", "weight_decay", "beta1", "beta2", "eps", "diverge_factor")
+MEMBER_FIELDS = (
+    "lr",
+    "seed",
+    "momentum",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "eps",
+    "diverge_factor",
+)
 """RunSpec fields that may differ between the members of one ensemble."""
 
 
@@ -199,7 +208,17 @@ class _Solo:
                 eps=spec.eps,
                 weight_decay=spec.weight_decay,
             )
-    
+        self.noise = None
+        if spec.noise_scale:
+            from batchlab.engine.probes import GradientNoiseScale
+
+            self.noise = GradientNoiseScale(
+                self.model,
+                "accumulation" if spec.micro_batch_size else "per_example",
+                loss_fn=task.loss_fn,
+                precondition=self.opt if spec.optimizer != "sgd" else None,
+            )
+
     def step(self, idx: list[Tensor], lrs: list[float]) -> Tensor:
         """One update on batch ``idx[0]``; returns the batch loss before the update, shape (1,)."""
         for group in self.opt.param_groups:
@@ -207,16 +226,22 @@ class _Solo:
         x, y = self.task.x_train[idx[0]], self.task.y_train[idx[0]]
         self.opt.zero_grad(set_to_none=True)
         micro = self.spec.micro_batch_size
-        if micro is None or micro >= x.shape[0]:
-            loss = self.task.loss_fn(self.model(x), y)
-            loss.backward()
-            total = loss.detach()
-        else:
+        if micro is not None and micro < x.shape[0]:
             total = torch.zeros((), device=x.device)
             for xs, ys in zip(x.split(micro), y.split(micro), strict=True):
                 part = self.task.loss_fn(self.model(xs), ys) * (xs.shape[0] / x.shape[0])
                 part.backward()
                 total += part.detach()
+                if self.noise is not None:
+                    self.noise.after_backward(xs.shape[0])
+            if self.noise is not None:
+                self.noise.before_step()
+        elif self.noise is not None:  # per-example norms from the same backward
+            total = self.noise.forward_backward(x, y)
+        else:
+            loss = self.task.loss_fn(self.model(x), y)
+            loss.backward()
+            total = loss.detach()
         self.opt.step()
         return total.reshape(1)
 
@@ -228,6 +253,13 @@ class _Solo:
             return _chunked_eval(lambda xc: self.model(xc).unsqueeze(0), self.task, x, y, EVAL_ROWS)
         finally:
             self.model.train()
+
+    def noise_scale(self) -> dict[str, float] | None:
+        """The monitor's current estimate (value, low, high), or None when not measured yet."""
+        est = self.noise.estimate() if self.noise is not None else None
+        if est is None:
+            return None
+        return {"noise_scale": est.value, "noise_scale_low": est.low, "noise_scale_high": est.high}
 
     def stop(self, member: int) -> None:
         """Nothing to mask in a solo run: the loop ends it."""
@@ -323,6 +355,10 @@ class _Ensemble:
         rows = max(1, EVAL_ROWS // self.size)
         return _chunked_eval(lambda xc: self._logits(self.params, xc), self.task, x, y, rows)
 
+    def noise_scale(self) -> None:
+        """Ensembles do not measure the noise scale (such runs train solo)."""
+        return None
+
     def stop(self, member: int) -> None:
         """Mask a diverged member: zero lr from now on and finite (zero) weights and state."""
         self.alive[member] = 0.0
@@ -336,6 +372,29 @@ class _Ensemble:
 
 # --------------------------------------------------------------------------------------------------
 # The loop
+
+
+def noise_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"noise_scale": {"start", "middle", "end"}}`` from the history rows that measured it.
+
+    Each entry has ``value``, ``low``, ``high`` (the interval) and the ``step``; empty when the run
+    did not measure the noise scale.
+    """
+    rows = [r for r in history if r.get("noise_scale") is not None]
+    if not rows:
+        return {}
+    picks = {"start": rows[0], "middle": rows[len(rows) // 2], "end": rows[-1]}
+    return {
+        "noise_scale": {
+            name: {
+                "value": r["noise_scale"],
+                "low": r.get("noise_scale_low"),
+                "high": r.get("noise_scale_high"),
+                "step": r["step"],
+            }
+            for name, r in picks.items()
+        }
+    }
 
 
 def _nan_final() -> dict[str, float]:
@@ -375,6 +434,7 @@ def _run(
         train_loss = (loss_sum / n_since).tolist() if n_since else [math.nan] * k_members
         vl, vm = val_loss.tolist(), val_metric.tolist()
         wall = (time.perf_counter() - start) / k_members
+        noise = stepper.noise_scale() or {"noise_scale": None}
         for k in range(k_members):
             if alive[k]:
                 histories[k].append(
@@ -388,7 +448,7 @@ def _run(
                         "val_loss": vl[k],
                         "val_metric": vm[k],
                         "wall_s": wall,
-                        "noise_scale": None,
+                        **noise,
                     }
                 )
         loss_sum = torch.zeros_like(loss_sum)
@@ -459,6 +519,7 @@ def _run(
                     "threads": torch.get_num_threads(),
                     "metric": task.metric_name,
                     "n_train": p.n_train,
+                    **noise_summary(histories[k]),
                 },
                 weights=stepper.weights(k) if keep_weights and ok else None,
             )
