@@ -12,9 +12,11 @@ from torch import nn
 from batchlab.engine.spec import RunSpec, SpecError
 from batchlab.engine.tasks import Task
 from batchlab.engine.train import (
+    ENSEMBLE_ROWS,
     _Solo,
     batch_size_in_force,
     can_vectorize,
+    ensemble_chunks,
     ensemble_key,
     plan,
     train,
@@ -111,7 +113,10 @@ def test_bad_specs_raise_before_training(task):
     with pytest.raises(SpecError, match="micro_batch_size"):
         RunSpec(task="toy", batch_size=30, lr=0.1, micro_batch_size=7)
     with pytest.raises(SpecError, match="budget"):
-        plan(spec(budget=2.5), task.n_train)
+        spec(budget=2.5)
+    with pytest.raises(SpecError, match="nesterov"):
+        spec(nesterov=True)
+    assert spec(lr=1).run_id == spec(lr=1.0).run_id
 
 
 def test_failure_in_the_model_is_recorded(task):
@@ -217,3 +222,12 @@ def test_noise_scale_is_logged_without_changing_the_run(task, micro):
     summary = measured.extra["noise_scale"]
     assert summary["end"]["low"] <= summary["end"]["value"] <= summary["end"]["high"]
     assert summary["end"]["step"] == 40
+
+
+def test_chunks_follow_the_ensemble_groups_and_capacity():
+    small = [RunSpec(task="t", batch_size=32, lr=lr, seed=s) for lr in (0.1, 0.2) for s in (0, 1)]
+    big_b = ENSEMBLE_ROWS // 2  # the engine vectorizes 2 members at this batch size
+    big = [RunSpec(task="t", batch_size=big_b, lr=lr) for lr in (0.1, 0.2, 0.3)]
+    other = [RunSpec(task="t", batch_size=32, lr=0.1, optimizer="adam")]
+    got = ensemble_chunks(small + big + other)
+    assert got == [small, big[:2], big[2:], other]

@@ -20,6 +20,18 @@ LR_SCHEDULES = ("constant", "cosine", "linear", "step", "multistep", "exponentia
 WARMUPS = ("linear", "exponential")
 BUDGET_UNITS = ("epochs", "steps", "samples")
 Status = Literal["ok", "diverged", "failed"]
+FLOAT_FIELDS = (
+    "lr",
+    "momentum",
+    "beta1",
+    "beta2",
+    "eps",
+    "weight_decay",
+    "warmup_epochs",
+    "budget",
+    "diverge_factor",
+)
+"""Fields stored as floats whatever number type was given, so ``lr=1`` and ``lr=1.0`` share an id."""
 
 
 class SpecError(ValueError):
@@ -88,6 +100,10 @@ class RunSpec:
         object.__setattr__(
             self, "batch_schedule", tuple((float(e), int(b)) for e, b in self.batch_schedule)
         )
+        for name in FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
         self.validate()
 
     def validate(self) -> None:
@@ -102,6 +118,8 @@ class RunSpec:
             )
         if not 0.0 <= self.momentum < 1.0:
             raise SpecError("momentum", f"must be in [0, 1), got {self.momentum!r}")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise SpecError("nesterov", "needs the sgd optimizer with momentum > 0")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise SpecError(name, f"must be in [0, 1), got {getattr(self, name)!r}")
@@ -123,6 +141,8 @@ class RunSpec:
             )
         if not (math.isfinite(self.budget) and self.budget > 0):
             raise SpecError("budget", f"must be a finite number > 0, got {self.budget!r}")
+        if self.budget_unit == "steps" and self.budget != int(self.budget):
+            raise SpecError("budget", f"a steps budget must be a whole number, got {self.budget}")
         if self.eval_every < 0:
             raise SpecError("eval_every", f"must be >= 0 (0 = automatic), got {self.eval_every!r}")
         if self.micro_batch_size is not None and (

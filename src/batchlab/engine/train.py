@@ -107,8 +107,6 @@ def validate_for_task(spec: RunSpec, n_train: int) -> None:
             raise SpecError(
                 "micro_batch_size", f"{spec.micro_batch_size} does not divide batch size {size}"
             )
-    if spec.budget_unit == "steps" and spec.budget != int(spec.budget):
-        raise SpecError("budget", f"a steps budget must be a whole number, got {spec.budget}")
 
 
 def plan(spec: RunSpec, n_train: int) -> Plan:
@@ -537,16 +535,28 @@ def _resolve_task(spec: RunSpec, task: Task | None, device: torch.device) -> Tas
     return task.to(device)
 
 
-def _failed(spec: RunSpec, exc: BaseException, started: float) -> RunResult:
-    log.warning("run %s failed: %s", spec.run_id, exc)
+def failed_result(
+    spec: RunSpec, error: str, *, wall_s: float = 0.0, extra: dict[str, Any] | None = None
+) -> RunResult:
+    """The result of a run that could not train (a failing model, a crashed worker)."""
     return RunResult(
         spec=spec,
         status="failed",
         steps=0,
         samples=0,
-        wall_s=time.perf_counter() - started,
+        wall_s=wall_s,
         final=_nan_final(),
-        error=f"{type(exc).__name__}: {exc}",
+        error=error,
+        extra=extra or {},
+    )
+
+
+def _failed(spec: RunSpec, exc: BaseException, started: float) -> RunResult:
+    log.warning("run %s failed: %s", spec.run_id, exc)
+    return failed_result(
+        spec,
+        f"{type(exc).__name__}: {exc}",
+        wall_s=time.perf_counter() - started,
         extra={"traceback": traceback.format_exc(limit=8)},
     )
 
@@ -591,6 +601,25 @@ def ensemble_key(spec: RunSpec) -> str:
     for name in MEMBER_FIELDS:
         d.pop(name)
     return json.dumps(d, sort_keys=True)
+
+
+def ensemble_capacity(spec: RunSpec) -> int:
+    """How many runs like ``spec`` one vectorized ensemble holds (``ENSEMBLE_ROWS`` batch rows)."""
+    return max(1, ENSEMBLE_ROWS // spec.batch_size)
+
+
+def ensemble_chunks(specs: Sequence[RunSpec]) -> list[list[RunSpec]]:
+    """Specs grouped as ``train_ensemble`` trains them at once: same ``ensemble_key``, at most
+    ``ensemble_capacity`` per chunk, in input order (what a sweep worker gets as one unit)."""
+    groups: dict[str, list[RunSpec]] = {}
+    for spec in specs:
+        groups.setdefault(ensemble_key(spec), []).append(spec)
+    size = {key: ensemble_capacity(group[0]) for key, group in groups.items()}
+    return [
+        group[lo : lo + size[key]]
+        for key, group in groups.items()
+        for lo in range(0, len(group), size[key])
+    ]
 
 
 def can_vectorize(task: Task, spec: RunSpec | None = None) -> tuple[bool, str]:
@@ -645,7 +674,7 @@ def train_ensemble(
         t = _task_for(first, task, tasks, dev)
         p = plan(first, t.n_train)
         ok, why = can_vectorize(t, first)
-        cap = max_members or max(1, ENSEMBLE_ROWS // first.batch_size)
+        cap = max_members or ensemble_capacity(first)
         if not ok and len(members) > 1:
             log.info("%s: %d runs train one after another: %s", first.task, len(members), why)
         size = cap if ok else 1

@@ -1,0 +1,135 @@
+"""``batchlab sweep``: train a batch-size x learning-rate grid from a TOML file into a store.
+
+A bad file is one ``error: <key>: ...`` line and exit code 2 before anything is trained or stored.
+The live progress bar (stderr) shows runs done / total, the best run so far and the time left.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from batchlab.cli._app import app, console, emit_json, fail
+from batchlab.engine.spec import SpecError
+from batchlab.sweep.runner import SweepReport, check_executor, run_sweep
+from batchlab.sweep.spec import check, load_sweep
+from batchlab.sweep.store import Store, StoreError
+
+
+@contextmanager
+def _logs_on_stderr() -> Iterator[None]:
+    """Show batchlab's INFO logs (what is planned, where Ray writes) above the progress bar."""
+    logger = logging.getLogger("batchlab")
+    handler = RichHandler(console=console, show_path=False, show_time=False)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _best(report: SweepReport) -> str:
+    best = report.best
+    if best is None:
+        return "best: -"
+    return f"best {best.metric} {best.value:.4g} (B={best.batch_size}, lr={best.lr:g})"
+
+
+def _summary(report: SweepReport, db: Path) -> Table:
+    table = Table(title=f"study {report.study} in {db}", show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = {
+        "planned runs": str(report.planned),
+        "already stored": str(report.skipped),
+        "trained now": f"{report.ok + report.diverged + report.failed} "
+        f"(ok {report.ok}, diverged {report.diverged}, failed {report.failed})",
+        "executor": f"{report.executor} x {report.workers}",
+        "wall time": f"{report.wall_s:.1f} s",
+        "best": _best(report).removeprefix("best "),
+    }
+    for key, value in rows.items():
+        table.add_row(key, value)
+    return table
+
+
+@app.command("sweep")
+def sweep_command(
+    path: Path = typer.Argument(..., help="Sweep file (TOML), e.g. examples/sweep_minimal.toml."),
+    db: Path = typer.Option(Path("batchlab.sqlite"), "--db", help="SQLite store of runs."),
+    workers: int | None = typer.Option(
+        None,
+        "--workers",
+        help="Worker processes (local) or CPUs of a local Ray; default: all cores.",
+    ),
+    executor: str | None = typer.Option(
+        None,
+        "--executor",
+        help="inline, local (process pool) or ray; default: local with --workers > 1, else inline.",
+    ),
+    address: str | None = typer.Option(
+        None, "--address", help="Ray cluster address (with --executor ray); default: start one."
+    ),
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="Train runs stored as failed again."
+    ),
+    device: str | None = typer.Option(
+        None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object."),
+) -> None:
+    """Train every batch size x lr x seed of a sweep file; finished runs are skipped on a rerun."""
+    try:
+        executor = check_executor(executor, workers, address)
+        sweep = load_sweep(path)
+        task = check(sweep)
+    except SpecError as exc:
+        fail(exc.field, str(exc).partition(": ")[2])
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[best]}"),
+        TimeRemainingColumn(),
+    )
+    try:
+        with (
+            _logs_on_stderr(),
+            Store(db) as store,
+            Progress(*columns, console=console) as bar,
+        ):
+            job = bar.add_task(sweep.study, total=None, best="")
+
+            def show(report: SweepReport) -> None:
+                bar.update(job, total=report.to_run, completed=report.done, best=_best(report))
+
+            report = run_sweep(
+                sweep,
+                store,
+                executor=executor,
+                workers=workers,
+                address=address,
+                retry_failed=retry_failed,
+                task=task,
+                device=device,
+                progress=show,
+            )
+    except SpecError as exc:
+        fail(exc.field, str(exc).partition(": ")[2])
+    except StoreError as exc:
+        fail(exc.field, exc.message)
+    if as_json:
+        emit_json({**report.to_dict(), "db": str(db)})
+    else:
+        Console().print(_summary(report, db))

@@ -1,0 +1,166 @@
+"""Sweep files: parsing, defaults from RunSpec, rule-centred grids, stable plans and ids, bad keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+
+from batchlab.engine.spec import RunSpec, SpecError
+from batchlab.sweep.spec import LRGrid, SweepSpec, Target, check, load_sweep, plan
+
+MINIMAL = """
+study = "demo"
+task = "digits-mlp"
+batch_sizes = [32, 128, 512]
+lr = [0.01, 0.03, 0.1, 0.3]
+seeds = [0, 1]
+optimizer = {name = "sgd", momentum = 0.9}
+budget = {epochs = 5}
+target = {metric = "val_metric", value = 0.5}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "sweep.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_plan_is_the_grid_of_runspecs_built_by_hand(tmp_path):
+    sweep = load_sweep(write(tmp_path, MINIMAL))
+    expected = [
+        RunSpec(
+            task="digits-mlp",
+            batch_size=b,
+            lr=lr,
+            seed=s,
+            momentum=0.9,
+            budget_unit="epochs",
+            budget=5.0,
+        )
+        for b, lr, s in itertools.product([32, 128, 512], [0.01, 0.03, 0.1, 0.3], [0, 1])
+    ]
+    runs = plan(sweep)
+    assert runs == expected
+    assert [r.run_id for r in runs] == [r.run_id for r in expected]
+    assert len({r.run_id for r in runs}) == 24
+    assert sweep.target == Target("val_metric", 0.5) and sweep.target.higher_is_better
+
+
+def test_ids_are_stable_across_loads_spellings_and_the_saved_config(tmp_path):
+    first = [r.run_id for r in plan(load_sweep(write(tmp_path, MINIMAL)))]
+    again = [r.run_id for r in plan(load_sweep(write(tmp_path, MINIMAL, "other.toml")))]
+    # integers where RunSpec has floats (lr = 1 vs 1.0, epochs = 5 vs 5.0) are the same run
+    ints = MINIMAL.replace("epochs = 5}", "epochs = 5.0}")
+    spelled = [r.run_id for r in plan(load_sweep(write(tmp_path, ints, "ints.toml")))]
+    sweep = load_sweep(write(tmp_path, MINIMAL))
+    saved = SweepSpec.from_dict(sweep.to_dict())
+    assert first == again == spelled == [r.run_id for r in plan(saved)]
+    one = [r.run_id for r in plan(dataclasses.replace(sweep, lr=(1,)))]
+    assert one == [r.run_id for r in plan(dataclasses.replace(sweep, lr=(1.0,)))]
+
+
+def test_study_defaults_to_the_file_name_and_run_fields_to_runspec_defaults(tmp_path):
+    path = write(tmp_path, 'task = "digits-mlp"\nbatch_sizes = [64]\nlr = [0.1]\n', "mine.toml")
+    sweep = load_sweep(path)
+    assert sweep.study == "mine"
+    (run,) = plan(sweep)
+    assert run == RunSpec(task="digits-mlp", batch_size=64, lr=0.1)
+    config = sweep.to_dict()
+    assert config["optimizer"]["name"] == RunSpec.optimizer
+    assert config["budget"] == {RunSpec.budget_unit: RunSpec.budget}
+    assert config["seeds"] == [RunSpec.seed]
+
+
+def test_tables_map_to_runspec_fields(tmp_path):
+    text = """
+task = {name = "digits-mlp", options = {}}
+batch_sizes = [64]
+lr = [0.001]
+optimizer = {name = "adamw", beta1 = 0.8, beta2 = 0.99, eps = 1e-6, weight_decay = 0.01}
+schedule = {name = "multistep", milestones = [0.5, 0.9], gamma = 0.2, warmup_epochs = 1, warmup = "exponential"}
+budget = {samples = 6400}
+eval_every = 5
+noise_scale = true
+"""
+    sweep = load_sweep(write(tmp_path, text))
+    assert hash(sweep) == hash(load_sweep(write(tmp_path, text)))  # frozen all the way down
+    (run,) = plan(sweep)
+    assert run == RunSpec(
+        task="digits-mlp",
+        batch_size=64,
+        lr=0.001,
+        optimizer="adamw",
+        beta1=0.8,
+        beta2=0.99,
+        eps=1e-6,
+        weight_decay=0.01,
+        schedule="multistep",
+        schedule_options={"milestones": (0.5, 0.9), "gamma": 0.2},
+        warmup_epochs=1.0,
+        warmup="exponential",
+        budget_unit="samples",
+        budget=6400.0,
+        eval_every=5,
+        noise_scale=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("rule", "batch_size", "centre"),
+    [("linear", 512, 0.2), ("linear", 32, 0.0125), ("sqrt", 512, 0.1), ("sqrt", 32, 0.025)],
+)
+def test_rule_centred_grid_is_geometric_around_the_rule(rule, batch_size, centre):
+    grid = LRGrid(rule=rule, base_batch=128, base_lr=0.05, span=(0.125, 8), points=7)
+    values = grid.values(batch_size, "sgd")
+    assert values[3] == pytest.approx(centre, rel=1e-12)
+    assert values[0] == pytest.approx(centre / 8) and values[-1] == pytest.approx(centre * 8)
+    ratios = [b / a for a, b in itertools.pairwise(values)]
+    assert ratios == pytest.approx([2.0] * 6, rel=1e-5)
+
+
+def test_rule_centred_grid_follows_the_batch_size_in_a_sweep(tmp_path):
+    text = """
+task = "digits-mlp"
+batch_sizes = [32, 512]
+lr = {rule = "linear", base_batch = 128, base_lr = 0.05, span = [0.5, 2], points = 3}
+"""
+    sweep = load_sweep(write(tmp_path, text))
+    assert [(r.batch_size, r.lr) for r in plan(sweep)] == [
+        (32, 0.00625),
+        (32, 0.0125),
+        (32, 0.025),
+        (512, 0.1),
+        (512, 0.2),
+        (512, 0.4),
+    ]
+    assert SweepSpec.from_dict(sweep.to_dict()).lr == sweep.lr
+
+
+def test_check_returns_the_task_and_accepts_the_largest_batch(tmp_path):
+    sweep = load_sweep(write(tmp_path, MINIMAL.replace("[32, 128, 512]", "[1437]")))
+    assert check(sweep).n_train == 1437
+
+
+def test_python_construction_is_validated_with_the_file_keys():
+    base = {"study": "s", "task": "digits-mlp", "batch_sizes": (8,), "lr": (0.1,)}
+    SweepSpec(**base)
+    cases = [
+        ({"batch_sizes": ()}, "batch_sizes"),
+        ({"batch_sizes": (8, 8)}, "batch_sizes"),
+        ({"lr": (-0.1,)}, "lr"),
+        ({"lr": (math.inf,)}, "lr"),
+        ({"seeds": (-1,)}, "seeds"),
+        ({"study": " "}, "study"),
+        ({"fixed": (("momentum", 1.5),)}, "optimizer.momentum"),
+        ({"fixed": (("batch_size", 4),)}, "batch_sizes"),
+        ({"fixed": (("colour", 4),)}, "colour"),
+    ]
+    for change, key in cases:
+        with pytest.raises(SpecError) as err:
+            SweepSpec(**(base | change))
+        assert err.value.field == key, change
