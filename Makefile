@@ -36,8 +36,9 @@ lint: setup
 test: setup lint
 	$(BIN)/pytest -q
 
+# The main job: test the classic claims on MNIST-1D (quick mode, about 3-5 minutes on 2 cores).
 demo: setup
-	$(BIN)/batchlab train --task mnist1d-mlp --batch-size 128 --lr 0.1 --optimizer sgd --momentum 0.9 --epochs 5
+	$(BIN)/batchlab reproduce --quick --db demo.sqlite --out report
 
 bench: setup
 	$(BIN)/python benchmarks/bench_engine.py

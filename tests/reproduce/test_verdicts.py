@@ -100,3 +100,9 @@ def test_claim8_outcomes():
 
 def test_every_claim_has_a_rule():
     assert sorted(v.RULES) == list(range(1, 9))
+
+
+def test_claim8_equal_infinite_thresholds_are_not_a_decrease():
+    inf = math.inf
+    grow = np.array([[0.5, inf, inf], [0.5, 1.0, inf]])
+    assert v.threshold_grows(grow, B3).verdict == "supported"

@@ -80,7 +80,7 @@ class StudyData:
         for run in self.runs:
             key = (run.batch_size, run.lr, run.seed)
             if key in grid:
-                log.warning(
+                log.info(
                     "study %s: runs %s and %s share batch %d, lr %g, seed %d; keeping the first",
                     self.name,
                     grid[key].id,

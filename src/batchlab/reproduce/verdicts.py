@@ -66,7 +66,9 @@ RULES: dict[int, str] = {
 
 
 def _monotone_up(row: Sequence[float], strict: bool = True) -> bool:
-    diffs = np.diff(np.asarray(row, dtype=float))
+    values = np.asarray(row, dtype=float)
+    with np.errstate(invalid="ignore"):  # inf - inf: equal, not a decrease
+        diffs = np.where(values[1:] == values[:-1], 0.0, np.diff(values))
     return bool(np.all(diffs > 0) if strict else np.all(diffs >= 0))
 
 
