@@ -42,7 +42,9 @@ def plain_loop(task: Task, batch_size: int, steps: int, lr: float, seed: int) ->
     model = task.make_model(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     evaluate(model, task, task.x_val, task.y_val)
-    loader = DataLoader(TensorDataset(task.x_train, task.y_train), batch_size=batch_size, shuffle=True)
+    loader = DataLoader(
+        TensorDataset(task.x_train, task.y_train), batch_size=batch_size, shuffle=True
+    )
     done = 0
     while done < steps:
         for x, y in loader:
@@ -103,7 +105,9 @@ def main() -> None:
     for name in args.tasks.split(","):
         task = get_task(name)
         for b in (int(s) for s in args.batch_sizes.split(",")):
-            rows.append({"task": name, "batch_size": b, **measure(task, b, args.samples, args.repeats)})
+            rows.append(
+                {"task": name, "batch_size": b, **measure(task, b, args.samples, args.repeats)}
+            )
             if not args.json:
                 r = rows[-1]
                 print(
@@ -115,7 +119,9 @@ def main() -> None:
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(f"min ratio {min(r['ratio'] for r in rows):.2f}x (target >= 1.3x), {threads} thread(s)")
+        print(
+            f"min ratio {min(r['ratio'] for r in rows):.2f}x (target >= 1.3x), {threads} thread(s)"
+        )
 
 
 if __name__ == "__main__":

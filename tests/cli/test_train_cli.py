@@ -47,7 +47,9 @@ def test_db_stores_the_run_with_weights_and_sharpness(tmp_path):
 
 
 def test_diverging_run_is_a_result_not_a_crash():
-    res = runner.invoke(app, [*BASE[:-4], "--lr", "1e5", "--momentum", "0.9", "--steps", "30", "--json"])
+    res = runner.invoke(
+        app, [*BASE[:-4], "--lr", "1e5", "--momentum", "0.9", "--steps", "30", "--json"]
+    )
     assert res.exit_code == 0
     assert json.loads(res.stdout)["status"] == "diverged"
 
