@@ -68,6 +68,7 @@ def test_diverging_run_is_a_result_not_a_crash():
         (["--epochs", "2"], "budget"),
         (["--save-weights"], "save_weights"),
         (["--task-option", "novalue"], "task_option"),
+        (["--threads", "0"], "threads"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, field):
