@@ -14,6 +14,8 @@ import os
 import torch
 from torch import Tensor
 
+from batchlab.engine.spec import SpecError
+
 log = logging.getLogger(__name__)
 
 _SEED_STRIDE = 1_000_003  # a prime: (seed, epoch) pairs map to distinct generator seeds
@@ -25,8 +27,19 @@ def default_device() -> torch.device:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> :func:`default_device`; otherwise the named device (``"cpu"``, ``"cuda:1"``)."""
-    return default_device() if device is None else torch.device(device)
+    """``None`` -> :func:`default_device`; otherwise the named device (``"cpu"``, ``"cuda:1"``).
+
+    A name torch does not know, or CUDA on a machine without it, is a ``SpecError`` on ``device``.
+    """
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SpecError("device", f"expected cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError("device", f"{device!r} asked for, but CUDA is not available here")
+    return dev
 
 
 def configure_threads(threads: int | None = None) -> int:

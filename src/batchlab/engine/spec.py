@@ -19,6 +19,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "linear", "step", "multistep", "exponential")
 WARMUPS = ("linear", "exponential")
 BUDGET_UNITS = ("epochs", "steps", "samples")
+NOISE_MODES = ("per_example", "split", "accumulation")
+"""Noise-scale modes of one process; ``distributed`` needs one process per rank (torchrun)."""
 Status = Literal["ok", "diverged", "failed"]
 FLOAT_FIELDS = (
     "lr",
@@ -68,6 +70,10 @@ class RunSpec:
     holds the schedule's parameters, e.g. ``{"milestones": (0.5, 0.75), "gamma": 0.1}`` with
     milestones as fractions of the budget. ``batch_schedule`` is ``((epoch, batch_size), ...)``: from
     that epoch on, the batch size is the given one.
+
+    Noise scale: with ``noise_scale`` the run measures it in ``noise_mode`` (default: ``accumulation``
+    with a ``micro_batch_size``, else ``per_example``, which falls back to ``split`` for layers it
+    cannot handle); ``noise_splits`` is the number of slices per batch of ``split``.
     """
 
     task: str
@@ -93,6 +99,8 @@ class RunSpec:
     micro_batch_size: int | None = None
     diverge_factor: float = 10.0
     noise_scale: bool = False
+    noise_mode: str | None = None
+    noise_splits: int = 4
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task_options", _freeze(dict(self.task_options)))
@@ -152,6 +160,7 @@ class RunSpec:
                 "micro_batch_size",
                 f"must divide batch_size {self.batch_size}, got {self.micro_batch_size!r}",
             )
+        self._validate_noise()
         if self.diverge_factor <= 1:
             raise SpecError("diverge_factor", f"must be > 1, got {self.diverge_factor!r}")
         for epoch, size in self.batch_schedule:
@@ -160,6 +169,40 @@ class RunSpec:
                     "batch_schedule",
                     f"entries are (epoch >= 0, batch_size >= 1), got {(epoch, size)}",
                 )
+
+    @property
+    def resolved_noise_mode(self) -> str:
+        """The noise-scale mode in force (``noise_mode``, or the default for this spec)."""
+        if self.noise_mode is not None:
+            return self.noise_mode
+        return "accumulation" if self.micro_batch_size is not None else "per_example"
+
+    def _validate_noise(self) -> None:
+        if self.noise_mode is not None and self.noise_mode not in NOISE_MODES:
+            raise SpecError(
+                "noise_mode",
+                f"must be one of {', '.join(NOISE_MODES)} (distributed runs one process per rank: "
+                f"use GradientNoiseScale under torchrun), got {self.noise_mode!r}",
+            )
+        if not self.noise_scale:
+            return
+        if self.batch_size < 2:
+            raise SpecError(
+                "batch_size", f"must be >= 2 to measure the noise scale, got {self.batch_size}"
+            )
+        mode, micro = self.resolved_noise_mode, self.micro_batch_size
+        if mode == "accumulation" and (micro is None or micro >= self.batch_size):
+            raise SpecError(
+                "micro_batch_size",
+                f"noise mode accumulation needs micro-batches smaller than the batch, got {micro}",
+            )
+        if mode != "accumulation" and micro is not None:
+            raise SpecError("micro_batch_size", f"applies to noise mode accumulation, not {mode}")
+        if not 2 <= self.noise_splits <= self.batch_size:
+            raise SpecError(
+                "noise_splits",
+                f"must be in [2, batch size {self.batch_size}], got {self.noise_splits}",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field (the resolved config saved with each run)."""

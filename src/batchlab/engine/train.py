@@ -212,8 +212,9 @@ class _Solo:
 
             self.noise = GradientNoiseScale(
                 self.model,
-                "accumulation" if spec.micro_batch_size else "per_example",
+                spec.resolved_noise_mode,
                 loss_fn=task.loss_fn,
+                n_micro=spec.noise_splits,
                 precondition=self.opt if spec.optimizer != "sgd" else None,
             )
 
@@ -258,6 +259,17 @@ class _Solo:
         if est is None:
             return None
         return {"noise_scale": est.value, "noise_scale_low": est.low, "noise_scale_high": est.high}
+
+    def extra(self) -> dict[str, Any]:
+        """How the noise scale was measured: the mode in force (``split`` after a fall-back), why
+        it fell back, and the measurements skipped, by reason."""
+        if self.noise is None:
+            return {}
+        return {
+            "noise_mode": self.noise.mode,
+            "noise_fallback": self.noise.fallback,
+            "noise_skipped": dict(self.noise.skipped),
+        }
 
     def stop(self, member: int) -> None:
         """Nothing to mask in a solo run: the loop ends it."""
@@ -356,6 +368,10 @@ class _Ensemble:
     def noise_scale(self) -> None:
         """Ensembles do not measure the noise scale (such runs train solo)."""
         return None
+
+    def extra(self) -> dict[str, Any]:
+        """Nothing beyond the loop's own record."""
+        return {}
 
     def stop(self, member: int) -> None:
         """Mask a diverged member: zero lr from now on and finite (zero) weights and state."""
@@ -518,6 +534,7 @@ def _run(
                     "metric": task.metric_name,
                     "n_train": p.n_train,
                     **noise_summary(histories[k]),
+                    **stepper.extra(),
                 },
                 weights=stepper.weights(k) if keep_weights and ok else None,
             )
