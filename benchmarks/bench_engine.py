@@ -13,14 +13,12 @@ validation and training sets for the final numbers). Medians of ``--repeats`` al
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import time
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from batchlab.engine.data import configure_threads
+from _common import alternating_medians, int_list, parse_args, print_json
 from batchlab.engine.spec import RunSpec
 from batchlab.engine.tasks import Task, get_task
 from batchlab.engine.train import train
@@ -81,12 +79,13 @@ def engine_run(task: Task, batch_size: int, steps: int, lr: float, seed: int) ->
 def measure(task: Task, batch_size: int, samples: int, repeats: int) -> dict[str, float]:
     """Median samples/s of both loops at one point, alternating to share the machine's noise."""
     steps = max(20, samples // batch_size)
-    plain, engine = [], []
-    for r in range(repeats):
-        plain.append(plain_loop(task, batch_size, steps, 0.01, r))
-        engine.append(engine_run(task, batch_size, steps, 0.01, r))
+    plain, engine = alternating_medians(
+        repeats,
+        lambda r: plain_loop(task, batch_size, steps, 0.01, r),
+        lambda r: engine_run(task, batch_size, steps, 0.01, r),
+    )
     n = steps * batch_size
-    p, e = n / statistics.median(plain), n / statistics.median(engine)
+    p, e = n / plain, n / engine
     return {"steps": steps, "plain_samples_per_s": p, "engine_samples_per_s": e, "ratio": e / p}
 
 
@@ -96,15 +95,11 @@ def main() -> None:
     ap.add_argument("--tasks", default="mnist1d-mlp,fashion-mlp")
     ap.add_argument("--batch-sizes", default="32,256,2048")
     ap.add_argument("--samples", type=int, default=120000, help="examples per measurement")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    threads = configure_threads(args.threads)
+    args, threads = parse_args(ap, repeats=3)
     rows = []
     for name in args.tasks.split(","):
         task = get_task(name)
-        for b in (int(s) for s in args.batch_sizes.split(",")):
+        for b in int_list(args.batch_sizes):
             rows.append(
                 {"task": name, "batch_size": b, **measure(task, b, args.samples, args.repeats)}
             )
@@ -117,7 +112,7 @@ def main() -> None:
                 )
     out = {"threads": threads, "repeats": args.repeats, "points": rows}
     if args.json:
-        print(json.dumps(out, indent=2))
+        print_json(out)
     else:
         print(
             f"min ratio {min(r['ratio'] for r in rows):.2f}x (target >= 1.3x), {threads} thread(s)"

@@ -27,11 +27,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from rich.console import Console
-from rich.table import Table
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from _common import parse_args, print_json, print_table
 from batchlab.engine.data import configure_threads, default_device
 from batchlab.engine.probes import GradientNoiseScale
 from batchlab.engine.spec import SpecError
@@ -212,12 +211,8 @@ def main() -> None:
         "--n-micro", type=int, default=4, help="micro-batches of split and accumulation"
     )
     ap.add_argument("--steps", type=int, default=8, help="steps per timed block")
-    ap.add_argument("--repeats", type=int, default=25)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default=None, help="default: cuda when present, else cpu")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    threads = configure_threads(args.threads)
+    args, threads = parse_args(ap, repeats=25)
     device = torch.device(args.device) if args.device else default_device()
     results, data = local_runs(args, device)
     if dist.is_gloo_available():
@@ -239,27 +234,31 @@ def main() -> None:
         "modes": rows,
     }
     if args.json:
-        print(json.dumps(out, indent=2))
+        print_json(out)
         return
-    table = Table(
-        title=f"noise-scale overhead: fashion-mlp ({data}), batch {args.batch_size}, "
-        f"{threads} thread(s), {device}, median of {args.repeats} x {args.steps} steps"
-    )
-    columns = ["mode", "baseline", "baseline ms", "monitored ms", "overhead", "cpu-time overhead"]
-    for col in [*columns, "target"]:
-        table.add_column(col, justify="left" if col in ("mode", "baseline") else "right")
+    cells = []
     for mode, r in rows.items():
         color = "green" if r["overhead"] <= r["target"] else "red"
-        table.add_row(
-            mode,
-            r["baseline"],
-            f"{r['baseline_ms']:.1f}",
-            f"{r['ms']:.1f}",
-            f"[{color}]{100 * r['overhead']:+.1f}%[/]",
-            f"{100 * r['cpu_overhead']:+.1f}%",
-            f"<= {100 * r['target']:.0f}%",
+        cells.append(
+            (
+                mode,
+                r["baseline"],
+                f"{r['baseline_ms']:.1f}",
+                f"{r['ms']:.1f}",
+                f"[{color}]{100 * r['overhead']:+.1f}%[/]",
+                f"{100 * r['cpu_overhead']:+.1f}%",
+                f"<= {100 * r['target']:.0f}%",
+            )
         )
-    Console(width=120).print(table)
+    columns = ["mode", "baseline", "baseline ms", "monitored ms", "overhead", "cpu-time overhead"]
+    print_table(
+        f"noise-scale overhead: fashion-mlp ({data}), batch {args.batch_size}, "
+        f"{threads} thread(s), {device}, median of {args.repeats} x {args.steps} steps",
+        [*columns, "target"],
+        cells,
+        left=("mode", "baseline"),
+        width=120,
+    )
 
 
 if __name__ == "__main__":

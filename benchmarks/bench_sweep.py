@@ -13,14 +13,9 @@ medians of ``--repeats`` alternating repeats, one torch thread by default. Targe
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import time
 
-from rich.console import Console
-from rich.table import Table
-
-from batchlab.engine.data import configure_threads
+from _common import alternating_medians, int_list, parse_args, print_json, print_table
 from batchlab.engine.spec import RunSpec
 from batchlab.engine.tasks import Task, get_task
 from batchlab.engine.train import train_ensemble
@@ -60,11 +55,11 @@ def ensemble(task: Task, batch_size: int, steps: int, lrs: list[float]) -> float
 def measure(task: Task, batch_size: int, steps: int, points: int, repeats: int) -> dict[str, float]:
     """Median seconds of the ensemble and of the sequential loops, alternating repeats."""
     lrs = lr_grid(points)
-    vectorized, sequential = [], []
-    for _ in range(repeats):
-        vectorized.append(ensemble(task, batch_size, steps, lrs))
-        sequential.append(sum(plain_loop(task, batch_size, steps, lr, 0) for lr in lrs))
-    v, s = statistics.median(vectorized), statistics.median(sequential)
+    v, s = alternating_medians(
+        repeats,
+        lambda _: ensemble(task, batch_size, steps, lrs),
+        lambda _: sum(plain_loop(task, batch_size, steps, lr, 0) for lr in lrs),
+    )
     return {"steps": steps, "ensemble_s": v, "sequential_s": s, "ratio": s / v}
 
 
@@ -75,14 +70,10 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="64,1024")
     ap.add_argument("--points", type=int, default=16, help="learning rates in the grid")
     ap.add_argument("--samples", type=int, default=64000, help="examples per run")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    threads = configure_threads(args.threads)
+    args, threads = parse_args(ap, repeats=3)
     task = get_task(args.task)
     rows = []
-    for b in (int(s) for s in args.batch_sizes.split(",")):
+    for b in int_list(args.batch_sizes):
         steps = max(20, args.samples // b)
         rows.append({"batch_size": b, **measure(task, b, steps, args.points, args.repeats)})
     out = {
@@ -94,23 +85,22 @@ def main() -> None:
         "rows": rows,
     }
     if args.json:
-        print(json.dumps(out, indent=2))
+        print_json(out)
         return
-    table = Table(
-        title=f"{args.points}-point LR grid on {args.task}, {threads} thread(s), "
-        f"median of {args.repeats}"
+    print_table(
+        f"{args.points}-point LR grid on {args.task}, {threads} thread(s), median of {args.repeats}",
+        ("batch", "steps", "ensemble s", "one after another s", "speed-up"),
+        [
+            (
+                str(r["batch_size"]),
+                str(r["steps"]),
+                f"{r['ensemble_s']:.2f}",
+                f"{r['sequential_s']:.2f}",
+                f"{r['ratio']:.1f}x",
+            )
+            for r in rows
+        ],
     )
-    for name in ("batch", "steps", "ensemble s", "one after another s", "speed-up"):
-        table.add_column(name, justify="right")
-    for r in rows:
-        table.add_row(
-            str(r["batch_size"]),
-            str(r["steps"]),
-            f"{r['ensemble_s']:.2f}",
-            f"{r['sequential_s']:.2f}",
-            f"{r['ratio']:.1f}x",
-        )
-    Console().print(table)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
-"""The shared typer ``app`` and the helpers every command module uses.
+"""The shared typer ``app``, the helpers every command module uses and the options they share.
 
-Bad input is one line on stderr naming the field and what is allowed, and exit code 2 (``fail``).
-Only the CLI prints; library code logs.
+Bad input is one line on stderr naming the field and what is allowed, and exit code 2 (``fail``,
+``fail_on``). Only the CLI prints; library code logs.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, NoReturn
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Protocol
 
 import typer
 from rich.console import Console
@@ -25,6 +27,48 @@ def fail(field: str, message: str) -> NoReturn:
     """Print one clear error line naming the bad field, exit with code 2."""
     typer.echo(f"error: {field}: {message}", err=True)
     raise typer.Exit(code=2)
+
+
+class FieldError(Protocol):
+    """An error that names the bad field, as ``SpecError`` and ``StoreError`` do: ``str(exc)`` is
+    ``"<field>: <message>"``."""
+
+    field: str
+
+
+def fail_on(exc: FieldError, rename: Mapping[str, str] | None = None) -> NoReturn:
+    """``fail`` with the error's field and message; ``rename`` maps a library field to an option."""
+    field = exc.field
+    fail((rename or {}).get(field, field), str(exc).removeprefix(f"{field}: "))
+
+
+# Options several commands share, declared once: name and help here, the default in the signature
+# (``task_option: TaskOptionsOpt = None``); a required option has no default.
+DEFAULT_DB = Path("batchlab.sqlite")
+TaskOpt = Annotated[
+    str, typer.Option("--task", help="Built-in task (see `batchlab tasks`) or module:function.")
+]
+BatchSizeOpt = Annotated[
+    int, typer.Option("--batch-size", "-b", help="Examples per optimizer update.")
+]
+TaskOptionsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--task-option",
+        "-o",
+        help="Task option KEY=VALUE (repeatable), e.g. n_samples=20000.",
+    ),
+]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when present)."),
+]
+DbOpt = Annotated[Path, typer.Option("--db", help="SQLite store of runs.")]
+RunDbOpt = Annotated[Path | None, typer.Option("--db", help="Store the run in this SQLite file.")]
+RunStudyOpt = Annotated[
+    str | None, typer.Option("--study", help="Study name the stored run belongs to.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 
 def progress_bar(label: str, *, disable: bool = False, unit: str = "") -> Progress:

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from batchlab.cli._app import app, emit_json, fail
+from batchlab.cli._app import JsonOpt, app, emit_json, fail
 from batchlab.core.rules import ADAM_DEFAULTS, RULES, SOURCES, Advice
 from batchlab.core.rules import advise as advise_job
 
@@ -44,7 +44,7 @@ def advise(
     beta1: float = typer.Option(ADAM_DEFAULTS["beta1"], help="Adam beta1 at B0."),
     beta2: float = typer.Option(ADAM_DEFAULTS["beta2"], help="Adam beta2 at B0."),
     eps: float = typer.Option(ADAM_DEFAULTS["eps"], help="Adam eps at B0."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    json_out: JsonOpt = False,
 ) -> None:
     """New learning rate (betas, eps), warmup and steps for a new batch size, each with its source."""
     options: dict[str, Any] = {"legw": True} if legw else {}

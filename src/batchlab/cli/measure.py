@@ -10,7 +10,20 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from batchlab.cli._app import app, console, emit_json, fail, progress_bar
+from batchlab.cli._app import (
+    DEFAULT_DB,
+    DbOpt,
+    DeviceOpt,
+    JsonOpt,
+    TaskOpt,
+    TaskOptionsOpt,
+    app,
+    console,
+    emit_json,
+    fail,
+    fail_on,
+    progress_bar,
+)
 from batchlab.cli.train import parse_options
 from batchlab.core.range_test import SUGGESTIONS
 from batchlab.engine.spec import OPTIMIZERS, SpecError
@@ -100,7 +113,7 @@ def _save_plot(result: LRFindResult, path: Path) -> None:
 
 @app.command("lr-find")
 def lr_find_command(
-    task: str = typer.Option(..., help="Built-in task (see `batchlab tasks`) or module:function."),
+    task: TaskOpt,
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Batch size."),
     batch_sizes: str | None = typer.Option(
         None, "--batch-sizes", help="Several batch sizes, e.g. 64,256,1024: fits lr ~ B^exponent."
@@ -119,16 +132,12 @@ def lr_find_command(
     ),
     steps: int = typer.Option(100, help="Optimizer steps of the ramp."),
     method: str = typer.Option("valley", help=f"Suggestion to report: {', '.join(SUGGESTIONS)}."),
-    task_option: list[str] = typer.Option(
-        [], "--task-option", "-o", help="Task option KEY=VALUE (repeatable)."
-    ),
-    device: str | None = typer.Option(
-        None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)."
-    ),
+    task_option: TaskOptionsOpt = None,
+    device: DeviceOpt = None,
     plot: Path | None = typer.Option(
         None, "--plot", help="Also draw every curve into this image file."
     ),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    json_out: JsonOpt = False,
 ) -> None:
     """LR range test: suggested learning rates per batch size, their spread over seeds and, with
     several batch sizes, the exponent of lr ~ B^exponent."""
@@ -156,7 +165,7 @@ def lr_find_command(
                 **options,
             )
         except SpecError as exc:
-            fail(exc.field, str(exc).removeprefix(f"{exc.field}: "))
+            fail_on(exc)
     if plot is not None:
         _save_plot(result, plot)
     if json_out:
@@ -181,17 +190,15 @@ def lr_find_command(
 
 @app.command("sharpness")
 def sharpness_command(
-    db: Path = typer.Option(Path("batchlab.sqlite"), "--db", help="SQLite store of runs."),
+    db: DbOpt = DEFAULT_DB,
     run: str = typer.Option(..., "--run", help="Run id (see `batchlab runs`)."),
     iters: int = typer.Option(100, help="Most Hessian-vector products for the top eigenvalue."),
     epsilon: float = typer.Option(1e-3, help="Keskar box size: |z_i| <= epsilon (|x_i| + 1)."),
     keskar: bool = typer.Option(
         True, "--keskar/--no-keskar", help="Also measure Keskar sharpness."
     ),
-    device: str | None = typer.Option(
-        None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)."
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    device: DeviceOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Sharpness of a stored run's final weights on its training set: top Hessian eigenvalue
     against the stability edge 2/lr, and Keskar et al. (2017) sharpness."""
@@ -203,7 +210,7 @@ def sharpness_command(
             record = store.get(run)
             weights = None if record is None else store.weights(run)
     except StoreError as exc:
-        fail(exc.field, exc.message)
+        fail_on(exc)
     if record is None:
         fail("run", f"no run {run!r} in '{db}' (list them with `batchlab runs --db {db}`)")
     if weights is None:
@@ -218,7 +225,7 @@ def sharpness_command(
             record.spec, weights, device=device, iters=iters, epsilon=epsilon, keskar=keskar
         )
     except SpecError as exc:
-        fail(exc.field, str(exc).removeprefix(f"{exc.field}: "))
+        fail_on(exc)
     summary = {
         "run": run,
         "task": record.spec.task,

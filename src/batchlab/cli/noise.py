@@ -10,7 +10,6 @@ Training is one call to ``batchlab.engine.train.train`` with ``noise_scale`` on;
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -18,7 +17,21 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from batchlab.cli._app import app, console, emit_json, fail, progress_bar
+from batchlab.cli._app import (
+    BatchSizeOpt,
+    DeviceOpt,
+    JsonOpt,
+    RunDbOpt,
+    RunStudyOpt,
+    TaskOpt,
+    TaskOptionsOpt,
+    app,
+    console,
+    emit_json,
+    fail,
+    fail_on,
+    progress_bar,
+)
 from batchlab.cli.train import open_store, parse_options
 from batchlab.core.rules import SOURCES, apply_rule, samples_ratio, steps_ratio
 from batchlab.engine.spec import OPTIMIZERS, RunResult, RunSpec, SpecError
@@ -133,10 +146,8 @@ def report(result: RunResult) -> dict[str, Any]:
 
 @app.command()
 def noise(
-    task: str = typer.Option(..., help="Built-in task (see `batchlab tasks`) or module:function."),
-    batch_size: int = typer.Option(
-        ..., "--batch-size", "-b", help="Examples per optimizer update."
-    ),
+    task: TaskOpt,
+    batch_size: BatchSizeOpt,
     lr: float = typer.Option(..., help="Learning rate; 0 measures at the initial weights."),
     steps: int = typer.Option(3000, help="Optimizer steps to train (and measure)."),
     mode: str | None = typer.Option(
@@ -156,15 +167,11 @@ def noise(
     optimizer: str = typer.Option("sgd", help=f"One of {', '.join(OPTIMIZERS)}."),
     momentum: float = typer.Option(0.0, help="SGD momentum."),
     seed: int = typer.Option(0, help="Seed of the initial weights and the batch order."),
-    task_option: list[str] = typer.Option(
-        [], "--task-option", "-o", help="Task option KEY=VALUE (repeatable)."
-    ),
-    device: str | None = typer.Option(
-        None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)."
-    ),
-    db: Path | None = typer.Option(None, help="Store the run in this SQLite file."),
-    study: str | None = typer.Option(None, help="Study name the stored run belongs to."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    task_option: TaskOptionsOpt = None,
+    device: DeviceOpt = None,
+    db: RunDbOpt = None,
+    study: RunStudyOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Gradient noise scale at the start, middle and end of training, with 95% intervals, and the
     batch sizes it implies (critical batch, rule `critical`)."""
@@ -204,8 +211,7 @@ def noise(
                 progress=lambda done, total: bar.update(job, completed=done),
             )
     except SpecError as exc:  # batch norm is refused by the monitor; the rest before training
-        option = {"noise_mode": "mode"}.get(exc.field, exc.field)  # RunSpec field -> our --mode
-        fail(option, str(exc).removeprefix(f"{exc.field}: "))
+        fail_on(exc, {"noise_mode": "mode"})  # RunSpec field -> our --mode
     if store is not None:
         with store:
             store.put(result, study=study)

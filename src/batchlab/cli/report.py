@@ -6,7 +6,7 @@ Both read the store read-only: a missing or foreign file is one ``error: db: ...
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NoReturn
+from typing import Annotated
 
 import typer
 from rich import box
@@ -16,17 +16,19 @@ from rich.table import Table
 
 from batchlab.analysis import StudyAnalysis, Target, analyze
 from batchlab.analysis.summary import fmt
-from batchlab.cli._app import app, console, emit_json, fail
+from batchlab.cli._app import DEFAULT_DB, DbOpt, app, console, emit_json, fail, fail_on
 from batchlab.engine.spec import SpecError
 from batchlab.sweep.store import StoreError
 
-DB_HELP = "SQLite store of runs."
-STUDY_HELP = "Study to analyse (default: the store's only study)."
-TARGET_HELP = "Override the study's target, e.g. val_metric=0.9 or val_loss=0.3."
-
-
-def _spec_fail(exc: SpecError | StoreError) -> NoReturn:
-    fail(exc.field, str(exc).removeprefix(f"{exc.field}: "))
+StudyOpt = Annotated[
+    str | None, typer.Option("--study", help="Study to analyse (default: the store's only study).")
+]
+TargetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--target", help="Override the study's target, e.g. val_metric=0.9 or val_loss=0.3."
+    ),
+]
 
 
 def _target(text: str | None) -> Target | None:
@@ -43,7 +45,7 @@ def _target(text: str | None) -> Target | None:
     try:
         return Target(metric.strip(), number)
     except SpecError as exc:
-        _spec_fail(exc)
+        fail_on(exc)
 
 
 def _analysis(db: Path, study: str | None, target: str | None) -> StudyAnalysis:
@@ -51,15 +53,15 @@ def _analysis(db: Path, study: str | None, target: str | None) -> StudyAnalysis:
     try:
         return analyze(db, study, target=goal)
     except (StoreError, SpecError) as exc:
-        _spec_fail(exc)
+        fail_on(exc)
 
 
 @app.command("report")
 def report_command(
-    db: Path = typer.Option(Path("batchlab.sqlite"), "--db", help=DB_HELP),
+    db: DbOpt = DEFAULT_DB,
     out: Path = typer.Option(Path("report"), "--out", help="Folder for index.html and figures/."),
-    study: str | None = typer.Option(None, "--study", help=STUDY_HELP),
-    target: str | None = typer.Option(None, "--target", help=TARGET_HELP),
+    study: StudyOpt = None,
+    target: TargetOpt = None,
     as_json: bool = typer.Option(False, "--json", help='Print {"index": ..., "figures": [...]}.'),
 ) -> None:
     """Write a self-contained HTML report of a study (figures embedded, also saved as PNG/SVG)."""
@@ -131,9 +133,9 @@ def _batch_table(a: StudyAnalysis) -> Table:
 
 @app.command("summary")
 def summary_command(
-    db: Path = typer.Option(Path("batchlab.sqlite"), "--db", help=DB_HELP),
-    study: str | None = typer.Option(None, "--study", help=STUDY_HELP),
-    target: str | None = typer.Option(None, "--target", help=TARGET_HELP),
+    db: DbOpt = DEFAULT_DB,
+    study: StudyOpt = None,
+    target: TargetOpt = None,
     as_json: bool = typer.Option(False, "--json", help="Print every table as one JSON object."),
 ) -> None:
     """Print a study's key numbers: critical batch size, lr exponent, cost per batch size."""

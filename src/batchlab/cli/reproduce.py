@@ -8,7 +8,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from batchlab.cli._app import app, console, emit_json, fail, progress_bar
+from batchlab.cli._app import (
+    DEFAULT_DB,
+    DeviceOpt,
+    JsonOpt,
+    TaskOptionsOpt,
+    app,
+    console,
+    emit_json,
+    fail,
+    fail_on,
+    progress_bar,
+)
 from batchlab.cli.train import parse_options
 from batchlab.engine.spec import SpecError
 from batchlab.sweep.store import StoreError
@@ -38,17 +49,13 @@ def reproduce(
         0, "--first-seed", help="First seed (another seed set: another value)."
     ),
     task: str = typer.Option("mnist1d-mlp", help="Task of every study, e.g. my_module:make_task."),
-    task_option: list[str] = typer.Option(
-        [], "--task-option", "-o", help="Task option KEY=VALUE (repeatable)."
-    ),
-    db: Path = typer.Option(
-        Path("batchlab.sqlite"), help="Run store: runs already there are reused."
-    ),
+    task_option: TaskOptionsOpt = None,
+    db: Path = typer.Option(DEFAULT_DB, help="Run store: runs already there are reused."),
     out: Path = typer.Option(Path("report"), help="Report folder (index.html + figures/)."),
     workers: int | None = typer.Option(None, help="Worker processes (default: one per core)."),
     executor: str = typer.Option("local", help="inline, local or ray."),
-    device: str | None = typer.Option(None, help="cpu, cuda, ... (default: CUDA when present)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    device: DeviceOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Run the studies of the chosen claims, judge each by its pre-registered rule, write the report."""
     from batchlab.reproduce.claims import Setup
@@ -81,7 +88,7 @@ def reproduce(
                 progress=show,
             )
     except (SpecError, StoreError) as exc:
-        fail(exc.field, str(exc).removeprefix(f"{exc.field}: "))
+        fail_on(exc)
     if json_out:
         emit_json(result.to_dict())
         return

@@ -9,17 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from batchlab.cli._app import app, emit_json, fail
+from batchlab.cli._app import DEFAULT_DB, DbOpt, app, emit_json, fail, fail_on
 from batchlab.sweep.store import RunRecord, Store, StoreError, StudyInfo
 
-DB_HELP = "SQLite store of runs."
+StudyOpt = Annotated[str | None, typer.Option("--study", help="Only the runs of this study.")]
 _GRID_KEYS = ("task", "batch_size", "lr", "seed", "optimizer", "budget_unit", "budget")
 
 
@@ -109,13 +109,13 @@ def _reading(db: Path, study: str | None) -> Iterator[Store]:
                 fail("study", f"no study {study!r} in '{db}'; studies: {known}")
             yield store
     except StoreError as exc:
-        fail(exc.field, exc.message)
+        fail_on(exc)
 
 
 @app.command("runs")
 def runs_command(
-    db: Path = typer.Option(Path("batchlab.sqlite"), "--db", help=DB_HELP),
-    study: str | None = typer.Option(None, "--study", help="Only the runs of this study."),
+    db: DbOpt = DEFAULT_DB,
+    study: StudyOpt = None,
     status: str | None = typer.Option(
         None, "--status", help="Only runs with this status: ok, diverged or failed."
     ),
@@ -138,12 +138,12 @@ def runs_command(
 
 @app.command("export")
 def export_command(
-    db: Path = typer.Option(Path("batchlab.sqlite"), "--db", help=DB_HELP),
+    db: DbOpt = DEFAULT_DB,
     fmt: str = typer.Option("csv", "--format", help="csv or parquet (parquet needs pyarrow)."),
     out: Path = typer.Option(
         Path("export"), "--out", help="Folder for runs.<format> and history.<format>."
     ),
-    study: str | None = typer.Option(None, "--study", help="Only the runs of this study."),
+    study: StudyOpt = None,
     as_json: bool = typer.Option(False, "--json", help='Print {"files": [...], "runs": N}.'),
 ) -> None:
     """Export runs and their histories to CSV or Parquet files."""

@@ -17,7 +17,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from batchlab.cli._app import app, console, emit_json, fail
+from batchlab.cli._app import DEFAULT_DB, DbOpt, DeviceOpt, app, console, emit_json, fail_on
 from batchlab.engine.spec import SpecError
 from batchlab.sweep.runner import SweepReport, check_executor, run_sweep
 from batchlab.sweep.spec import check, load_sweep
@@ -67,7 +67,7 @@ def _summary(report: SweepReport, db: Path) -> Table:
 @app.command("sweep")
 def sweep_command(
     path: Path = typer.Argument(..., help="Sweep file (TOML), e.g. examples/sweep_minimal.toml."),
-    db: Path = typer.Option(Path("batchlab.sqlite"), "--db", help="SQLite store of runs."),
+    db: DbOpt = DEFAULT_DB,
     workers: int | None = typer.Option(
         None,
         "--workers",
@@ -84,9 +84,7 @@ def sweep_command(
     retry_failed: bool = typer.Option(
         False, "--retry-failed", help="Train runs stored as failed again."
     ),
-    device: str | None = typer.Option(
-        None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)."
-    ),
+    device: DeviceOpt = None,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object."),
 ) -> None:
     """Train every batch size x lr x seed of a sweep file; finished runs are skipped on a rerun."""
@@ -95,7 +93,7 @@ def sweep_command(
         sweep = load_sweep(path)
         task = check(sweep)
     except SpecError as exc:
-        fail(exc.field, str(exc).partition(": ")[2])
+        fail_on(exc)
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -125,10 +123,8 @@ def sweep_command(
                 device=device,
                 progress=show,
             )
-    except SpecError as exc:
-        fail(exc.field, str(exc).partition(": ")[2])
-    except StoreError as exc:
-        fail(exc.field, exc.message)
+    except (SpecError, StoreError) as exc:
+        fail_on(exc)
     if as_json:
         emit_json({**report.to_dict(), "db": str(db)})
     else:

@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from batchlab.cli._app import app, emit_json, fail
+from batchlab.cli._app import JsonOpt, app, emit_json, fail_on
 from batchlab.engine.spec import SpecError
 from batchlab.engine.tasks import COMMON_OPTIONS, NORMS, TaskInfo, list_tasks, task_info
 
@@ -64,13 +64,13 @@ def tasks_command(
     names: list[str] = typer.Argument(
         None, help="Tasks to describe (built-in names or module:function); default: all built-ins."
     ),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    json_output: JsonOpt = False,
 ) -> None:
     """List tasks with train/validation sizes, input shape, parameter count and options."""
     try:
         infos = [task_info(name) for name in names] if names else list_tasks()
     except SpecError as exc:
-        fail(exc.field, str(exc).removeprefix(f"{exc.field}: "))
+        fail_on(exc)
     if json_output:
         emit_json({"tasks": [info.to_dict() for info in infos]})
         return

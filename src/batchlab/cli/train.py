@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,16 +12,31 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from batchlab.cli._app import app, console, emit_json, fail, progress_bar
+from batchlab.cli._app import (
+    BatchSizeOpt,
+    DeviceOpt,
+    JsonOpt,
+    RunDbOpt,
+    RunStudyOpt,
+    TaskOpt,
+    TaskOptionsOpt,
+    app,
+    console,
+    emit_json,
+    fail,
+    fail_on,
+    progress_bar,
+)
 from batchlab.engine.spec import OPTIMIZERS, RunResult, RunSpec, SpecError
 
 log = logging.getLogger(__name__)
 
 
-def parse_options(pairs: list[str], field: str = "task_option") -> dict[str, Any]:
-    """``["n_samples=50000", "norm=batch"]`` -> ``{"n_samples": 50000, "norm": "batch"}`` (JSON values)."""
+def parse_options(pairs: Sequence[str] | None, field: str = "task_option") -> dict[str, Any]:
+    """``["n_samples=50000", "norm=batch"]`` -> ``{"n_samples": 50000, "norm": "batch"}`` (JSON values;
+    ``None``, an option not given: ``{}``)."""
     out: dict[str, Any] = {}
-    for pair in pairs:
+    for pair in pairs or ():
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             fail(field, f"expected KEY=VALUE, got {pair!r}")
@@ -48,7 +64,7 @@ def open_store(db: Path | None) -> Any:
     try:
         return Store(db)
     except StoreError as exc:
-        fail(exc.field, str(exc).removeprefix(f"{exc.field}: "))
+        fail_on(exc)
 
 
 def result_table(result: RunResult) -> Table:
@@ -89,10 +105,8 @@ def result_table(result: RunResult) -> Table:
 
 @app.command()
 def train(
-    task: str = typer.Option(..., help="Built-in task (see `batchlab tasks`) or module:function."),
-    batch_size: int = typer.Option(
-        ..., "--batch-size", "-b", help="Examples per optimizer update."
-    ),
+    task: TaskOpt,
+    batch_size: BatchSizeOpt,
     lr: float = typer.Option(..., help="Peak learning rate (after warmup)."),
     optimizer: str = typer.Option("sgd", help=f"One of {', '.join(OPTIMIZERS)}."),
     momentum: float = typer.Option(0.0, help="SGD momentum."),
@@ -124,9 +138,7 @@ def train(
     eval_every: int = typer.Option(
         0, "--eval-every", help="Evaluate every N steps (0: about 50 times per run)."
     ),
-    task_option: list[str] = typer.Option(
-        [], "--task-option", "-o", help="Task option KEY=VALUE (repeatable), e.g. n_samples=20000."
-    ),
+    task_option: TaskOptionsOpt = None,
     noise_scale: bool = typer.Option(
         False, "--noise-scale", help="Measure the gradient noise scale during training."
     ),
@@ -136,15 +148,13 @@ def train(
     save_weights: bool = typer.Option(
         False, "--save-weights", help="Store the final weights (needs --db)."
     ),
-    device: str | None = typer.Option(
-        None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)."
-    ),
+    device: DeviceOpt = None,
     threads: int = typer.Option(
         1, help="Torch CPU threads: 1 is fastest for small models; raise it for large CNN batches."
     ),
-    db: Path | None = typer.Option(None, help="Store the run in this SQLite file."),
-    study: str | None = typer.Option(None, help="Study name the stored run belongs to."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    db: RunDbOpt = None,
+    study: RunStudyOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Train one run and print its result (status, steps, final losses and metric, wall time)."""
     from batchlab.engine.data import configure_threads
@@ -187,7 +197,7 @@ def train(
         built = get_task(task, **options)
         p = plan(spec, built.n_train)
     except SpecError as exc:
-        fail(exc.field, str(exc).removeprefix(f"{exc.field}: "))
+        fail_on(exc)
     store = open_store(db)
     console.print(f"[dim]{p.describe(spec)}[/dim]")
     with progress_bar("training", disable=json_out, unit="steps") as bar:

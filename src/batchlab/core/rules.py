@@ -162,6 +162,23 @@ def _warmup(base_lr: float, lr: float, warmup_epochs: float) -> dict[str, Any]:
     return {"warmup_epochs": warmup_epochs, "warmup_start_factor": base_lr / lr}
 
 
+def _result(
+    rule: str,
+    lr: float,
+    base_lr: float,
+    base_batch: int,
+    batch_size: int,
+    reason: str,
+    warmup_epochs: float,
+    **fields: Any,
+) -> RuleResult:
+    """``rule``'s result, citing its paper, with Goyal's warmup from ``base_lr`` up to ``lr``."""
+    warm = _warmup(base_lr, lr, warmup_epochs)
+    return RuleResult(
+        rule, lr, base_lr, base_batch, batch_size, reason, SOURCES[rule], **fields, **warm
+    )
+
+
 def _scaled(
     rule: str,
     base_batch: int,
@@ -177,10 +194,8 @@ def _scaled(
     epochs = check_number("warmup_epochs", warmup_epochs, low=0.0) * (k if legw else 1.0)
     how = "lr x k" if exponent == 1 else "lr x sqrt(k)"
     reason = f"{how} with k = {k:g}" + (", warmup epochs x k (LEGW)" if legw else "")
-    warm = _warmup(lr0, lr, epochs)
-    if legw:
-        warm["warmup_source"] = SOURCES["legw"]
-    return RuleResult(rule, lr, lr0, b0, b1, reason, SOURCES[rule], **warm)
+    legw_source = {"warmup_source": SOURCES["legw"]} if legw else {}
+    return _result(rule, lr, lr0, b0, b1, reason, epochs, **legw_source)
 
 
 def linear(
@@ -247,19 +262,7 @@ def adam_sqrt(
     lr = lr0 * math.sqrt(k)
     eps_new = check_number("eps", eps, low=0.0, low_open=True) / math.sqrt(k)
     reason = f"lr x sqrt(k), 1 - beta x k, eps / sqrt(k) with k = {k:g}"
-    return RuleResult(
-        "adam_sqrt",
-        lr,
-        lr0,
-        b0,
-        b1,
-        reason,
-        SOURCES["adam_sqrt"],
-        beta1=betas["beta1"],
-        beta2=betas["beta2"],
-        eps=eps_new,
-        **_warmup(lr0, lr, warmup_epochs),
-    )
+    return _result("adam_sqrt", lr, lr0, b0, b1, reason, warmup_epochs, eps=eps_new, **betas)
 
 
 def adascale_gain(base_batch: int, batch_size: int, noise_scale: float) -> float:
@@ -305,19 +308,8 @@ def _noise_rule(
         raise ValueError(f"noise_scale: rule {rule!r} needs a measured gradient noise scale")
     bn = check_number("noise_scale", noise_scale, low=0.0, low_open=True)
     lr = lr0 * (shape(b1, bn) / shape(b0, bn))
-    return RuleResult(
-        rule,
-        lr,
-        lr0,
-        b0,
-        b1,
-        reason.format(bn=bn),
-        SOURCES[rule],
-        noise_scale=bn,
-        lr_max=lr0 / shape(b0, bn),
-        **adam,
-        **_warmup(lr0, lr, warmup_epochs),
-    )
+    fit = {"noise_scale": bn, "lr_max": lr0 / shape(b0, bn)}
+    return _result(rule, lr, lr0, b0, b1, reason.format(bn=bn), warmup_epochs, **fit, **adam)
 
 
 def critical(

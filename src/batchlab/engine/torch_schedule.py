@@ -52,17 +52,11 @@ class ScheduleLR(LRScheduler):
 
 
 def lr_scheduler(
-    optimizer: Optimizer,
-    name: str,
-    lr: float,
-    total_steps: float,
-    *,
-    warmup_steps: float = 0.0,
-    warmup: str = "linear",
-    **options: Any,
+    optimizer: Optimizer, name: str, lr: float, total_steps: float, **options: Any
 ) -> ScheduleLR:
-    """A torch scheduler for ``build_lr_schedule(name, lr, total_steps, ...)``; call ``.step()``
-    after each ``optimizer.step()``.
+    """A torch scheduler for ``build_lr_schedule(name, lr, total_steps, **options)`` (``options``:
+    its ``warmup_steps``, ``warmup`` and the schedule's own); call ``.step()`` after each
+    ``optimizer.step()``.
 
     >>> import torch
     >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
@@ -73,9 +67,4 @@ def lr_scheduler(
     >>> round(opt.param_groups[0]["lr"], 12)
     0.05
     """
-    return ScheduleLR(
-        optimizer,
-        build_lr_schedule(
-            name, lr, total_steps, warmup_steps=warmup_steps, warmup=warmup, **options
-        ),
-    )
+    return ScheduleLR(optimizer, build_lr_schedule(name, lr, total_steps, **options))

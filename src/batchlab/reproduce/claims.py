@@ -462,16 +462,27 @@ def claim5_runs(setup: Setup, results: Results) -> dict[str, list[RunSpec]]:
     return {"claim5": [s for specs in arms.values() for s in specs]}
 
 
-def _metric_of(results: Results, study: str, specs: Sequence[RunSpec]) -> list[float]:
+def _metric_of(
+    results: Results, study: str, arms: dict[str, list[RunSpec]]
+) -> dict[str, list[float]]:
+    """Final validation metric per seed of each arm; an arm without any finished run is an error
+    (the claim is then inconclusive, not judged on NaNs)."""
     by_id = {r.id: r for r in results.data(study).runs}
-    return [final(by_id.get(s.run_id), "val_metric") for s in specs]
+    values = {
+        arm: [final(by_id.get(s.run_id), "val_metric") for s in specs]
+        for arm, specs in arms.items()
+    }
+    empty = [arm for arm, vals in values.items() if not any(math.isfinite(x) for x in vals)]
+    if empty:
+        raise ValueError(f"{study}: no finished run in arm(s) {', '.join(empty)}")
+    return values
 
 
 def judge_claim5(setup: Setup, results: Results) -> Judgement:
     """Validation metric of small batch, large batch at equal epochs, large batch adapted."""
     base = results.base_lr()
     arms = _claim5_arms(setup, base)
-    values = {arm: _metric_of(results, "claim5", specs) for arm, specs in arms.items()}
+    values = _metric_of(results, "claim5", arms)
     outcome = v.longer_training_closes_gap(values["small"], values["large"], values["adapted"])
     outcome.evidence.update(
         base_lr=base,
@@ -536,7 +547,7 @@ def judge_claim6(setup: Setup, results: Results) -> Judgement:
     base = results.base_lr()
     arms = _claim6_arms(setup, base, _n_train(setup))
     by_id = {r.id: r for r in results.data("claim6").runs}
-    values = {arm: _metric_of(results, "claim6", specs) for arm, specs in arms.items()}
+    values = _metric_of(results, "claim6", arms)
     steps = {
         arm: float(
             np.mean([by_id[s.run_id].steps for s in specs if s.run_id in by_id] or [math.nan])

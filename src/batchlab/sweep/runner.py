@@ -459,34 +459,16 @@ def _store(
 
 
 def run_sweep(
-    sweep: SweepSpec,
-    store: Store,
-    *,
-    executor: str | None = None,
-    workers: int | None = None,
-    address: str | None = None,
-    retry_failed: bool = False,
-    task: Task | None = None,
-    device: str | None = None,
-    progress: SweepProgress | None = None,
+    sweep: SweepSpec, store: Store, *, task: Task | None = None, **options: Any
 ) -> SweepReport:
     """Train every planned run of ``sweep`` not yet in ``store``; save its config with the study.
 
-    Raises ``SpecError`` (before anything is trained or stored) for a bad sweep or executor choice;
-    the arguments are those of ``run_specs``.
+    ``task`` and ``options`` (``executor``, ``workers``, ``address``, ``retry_failed``, ``device``,
+    ``progress``) are those of ``run_specs``, which declares their defaults; the sweep's target
+    says which run is best. Raises ``SpecError`` (before anything is trained or stored) for a bad
+    sweep or executor choice.
     """
-    check_executor(executor, workers, address)
+    check_executor(options.get("executor"), options.get("workers"), options.get("address"))
     task = check(sweep, task)
     store.set_study(sweep.study, sweep.to_dict())
-    return run_specs(
-        {sweep.study: plan(sweep)},
-        store,
-        executor=executor,
-        workers=workers,
-        address=address,
-        retry_failed=retry_failed,
-        task=task,
-        device=device,
-        target=sweep.target,
-        progress=progress,
-    )
+    return run_specs({sweep.study: plan(sweep)}, store, task=task, target=sweep.target, **options)
