@@ -285,10 +285,11 @@ class _Solo:
 class _Ensemble:
     """K models of one architecture as stacked parameters, trained with ``vmap``.
 
-    All parameters live in one (K, P) buffer (``params`` holds views into it), so the vectorized
-    optimizer is a handful of tensor ops per step whatever the number of layers. It matches
-    ``torch.optim.SGD`` (momentum, Nesterov, L2 weight decay), ``Adam`` (L2) and ``AdamW`` (decoupled
-    decay) update for update, with per-member hyper-parameters.
+    All parameters live in one (members, P) buffer (``params`` holds views into it), so the
+    vectorized optimizer is a handful of tensor ops per step whatever the number of layers. It
+    matches ``torch.optim.SGD`` (momentum, Nesterov, L2 weight decay), ``Adam`` (L2) and ``AdamW``
+    (decoupled decay) update for update, with per-member hyper-parameters. A diverged member leaves
+    the stack, so a learning-rate grid stops paying for the runs that blew up.
     """
 
     def __init__(self, task: Task, specs: Sequence[RunSpec], device: torch.device) -> None:
@@ -298,13 +299,8 @@ class _Ensemble:
         spec = specs[0]
         models = [task.make_model(s.seed).to(device) for s in specs]
         stacked, _ = stack_module_state(models)
+        self.layout = [(name, v.shape[1:]) for name, v in stacked.items()]
         self.flat = torch.cat([v.detach().reshape(self.size, -1) for v in stacked.values()], 1)
-        self.params: dict[str, Tensor] = {}
-        offset = 0
-        for name, v in stacked.items():
-            n = v[0].numel()
-            self.params[name] = self.flat[:, offset : offset + n].unflatten(1, v.shape[1:])
-            offset += n
         base = copy.deepcopy(models[0]).to("meta")
         self.optimizer, self.nesterov = spec.optimizer, spec.nesterov
 
@@ -325,24 +321,41 @@ class _Ensemble:
         names = ("momentum", "weight_decay", "beta1", "beta2", "eps")
         self.hyper = {name: per_member(name) for name in names}
         self.decay = any(s.weight_decay for s in specs)
-        self.alive = torch.ones(self.size, device=device)
         self.s1, self.s2 = torch.zeros_like(self.flat), torch.zeros_like(self.flat)
+        self.members = list(range(self.size))  # which of the K runs each row of the stack is
+        self._views()
         self.t = 0
 
+    def _views(self) -> None:
+        """``params``: one view of ``flat`` per parameter, and the rows' member indices."""
+        self.params: dict[str, Tensor] = {}
+        offset = 0
+        for name, shape in self.layout:
+            n = shape.numel()
+            self.params[name] = self.flat[:, offset : offset + n].unflatten(1, shape)
+            offset += n
+        self.rows = torch.tensor(self.members, device=self.flat.device, dtype=torch.long)
+
+    def _scatter(self, values: Tensor) -> Tensor:
+        """Per-row values -> per-member values (NaN for members no longer in the stack)."""
+        out = torch.full((self.size,), math.nan, device=values.device, dtype=values.dtype)
+        out[self.rows] = values
+        return out
+
     def step(self, idx: list[Tensor], lrs: list[float]) -> Tensor:
-        """One vectorized update; ``idx`` holds one index tensor per member. Returns losses (K,)."""
+        """One vectorized update; ``idx`` and ``lrs`` hold one entry per member. Returns losses (K,)."""
         if self.shared_batch:
             x, y = self.task.x_train[idx[0]], self.task.y_train[idx[0]]
         else:
-            stacked = torch.stack(idx)
+            stacked = torch.stack([idx[m] for m in self.members])
             x, y = self.task.x_train[stacked], self.task.y_train[stacked]
         grads, losses = self._grad(self.params, x, y)
-        g = torch.cat([grads[name].reshape(self.size, -1) for name in self.params], 1)
-        lr = (torch.tensor(lrs, device=losses.device) * self.alive)[:, None]
+        g = torch.cat([grads[name].reshape(len(self.members), -1) for name, _ in self.layout], 1)
+        lr = torch.tensor([lrs[m] for m in self.members], device=losses.device)[:, None]
         self.t += 1
         with torch.no_grad():
             self._update(g, lr)
-        return losses.detach()
+        return self._scatter(losses.detach())
 
     def _update(self, g: Tensor, lr: Tensor) -> None:
         p, h, s1 = self.flat, self.hyper, self.s1
@@ -364,9 +377,15 @@ class _Ensemble:
 
     @torch.no_grad()
     def evaluate(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean loss and metric per member over ``(x, y)``, shape (K,) each."""
-        rows = max(1, EVAL_ROWS // self.size)
-        return _chunked_eval(lambda xc: self._logits(self.params, xc), self.task, x, y, rows)
+        """Mean loss and metric per member over ``(x, y)``, shape (K,) each (NaN once stopped)."""
+        if not self.members:
+            nan = torch.full((self.size,), math.nan)
+            return nan, nan.clone()
+        rows = max(1, EVAL_ROWS // len(self.members))
+        loss, metric = _chunked_eval(
+            lambda xc: self._logits(self.params, xc), self.task, x, y, rows
+        )
+        return self._scatter(loss), self._scatter(metric)
 
     def noise_scale(self) -> None:
         """Ensembles do not measure the noise scale (such runs train solo)."""
@@ -377,14 +396,17 @@ class _Ensemble:
         return {}
 
     def stop(self, member: int) -> None:
-        """Mask a diverged member: zero lr from now on and finite (zero) weights and state."""
-        self.alive[member] = 0.0
-        for t in (self.flat, self.s1, self.s2):
-            t[member] = 0.0
+        """Take a diverged member out of the stack (its weights and optimizer state with it)."""
+        keep = [i for i, m in enumerate(self.members) if m != member]
+        self.members = [self.members[i] for i in keep]
+        self.flat, self.s1, self.s2 = (t[keep] for t in (self.flat, self.s1, self.s2))
+        self.hyper = {k: v[keep] for k, v in self.hyper.items()}
+        self._views()
 
     def weights(self, member: int) -> dict[str, Tensor]:
         """Member ``member``'s parameters under the names of ``make_model``'s state dict."""
-        return {k: v[member].detach().cpu().clone() for k, v in self.params.items()}
+        row = self.members.index(member)
+        return {k: v[row].detach().cpu().clone() for k, v in self.params.items()}
 
 
 # --------------------------------------------------------------------------------------------------
