@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as tl
 
-from batchlab.core import rules, schedules
-from batchlab.engine import spec as engine_spec
+from batchlab.core import schedules
 from batchlab.engine import train
 from batchlab.engine.spec import RunSpec
 from batchlab.engine.torch_schedule import ScheduleLR, lr_scheduler
@@ -92,12 +91,6 @@ def test_state_dict_round_trip_resumes_the_schedule():
     resumed.load_state_dict(state["sched"])
     assert resumed.last_epoch == sched.last_epoch == 8
     assert _lrs(resumed_opt, resumed, 5) == _lrs(opt, sched, 5)
-
-
-def test_core_names_match_the_engine():
-    assert schedules.LR_SCHEDULES == engine_spec.LR_SCHEDULES
-    assert schedules.WARMUPS == engine_spec.WARMUPS
-    assert rules.OPTIMIZERS == engine_spec.OPTIMIZERS
 
 
 def test_plans_fill_a_run_spec():

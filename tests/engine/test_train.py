@@ -231,3 +231,16 @@ def test_chunks_follow_the_ensemble_groups_and_capacity():
     other = [RunSpec(task="t", batch_size=32, lr=0.1, optimizer="adam")]
     got = ensemble_chunks(small + big + other)
     assert got == [small, big[:2], big[2:], other]
+
+
+def test_frozen_parameters_train_solo_and_stay_frozen(task):
+    def frozen(seed: int) -> nn.Module:
+        model = _mlp(seed)
+        model[0].weight.requires_grad_(False)
+        return model
+
+    frozen_task = Task(**{**task.__dict__, "make_model": frozen})
+    ok, why = can_vectorize(frozen_task)
+    assert not ok and "frozen" in why
+    [r, _] = train_ensemble([spec(), spec(lr=0.2)], task=frozen_task, keep_weights=True)
+    assert torch.equal(r.weights["0.weight"], frozen(0)[0].weight)

@@ -108,3 +108,16 @@ def test_check_claims():
     assert [c.number for c in check_claims([7, 1, 7])] == [1, 7]
     with pytest.raises(ValueError, match="claims"):
         check_claims([])
+
+
+def test_another_seed_set_in_the_same_store_is_judged_on_its_own_runs(smoke):
+    root, first = smoke
+    other = Setup(mode="smoke", seeds=(2, 3))
+    again = reproduce([1], setup=other, db=root / "runs.sqlite", out=None, executor="inline")
+    assert again.runs_trained > 0  # the new seeds' grid runs
+    [claim1] = again.claims
+    assert len(claim1.judgement.outcome.evidence["loss_per_seed"]) == 2  # seeds 2, 3 only
+    with Store(root / "runs.sqlite", readonly=True) as store:
+        results = Results(store, SMOKE)
+        results.expect({GRID: SMOKE.grid()})
+        assert results.data(GRID).seeds == (0, 1)

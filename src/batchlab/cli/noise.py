@@ -32,7 +32,7 @@ from batchlab.cli._app import (
     fail_on,
     progress_bar,
 )
-from batchlab.cli.train import open_store, parse_options
+from batchlab.cli.train import open_store, parse_options, store_result
 from batchlab.core.rules import SOURCES, apply_rule, samples_ratio, steps_ratio
 from batchlab.engine.spec import OPTIMIZERS, RunResult, RunSpec, SpecError
 
@@ -195,7 +195,7 @@ def noise(
             micro_batch_size=micro_batch_size,
             noise_scale=True,
             noise_mode=mode,
-            noise_splits=noise_splits or RunSpec.noise_splits,
+            noise_splits=RunSpec.noise_splits if noise_splits is None else noise_splits,
         )
         if noise_splits is not None and spec.resolved_noise_mode == "accumulation":
             fail("noise_splits", "sets the slices of split (and the per_example fall-back)")
@@ -213,8 +213,7 @@ def noise(
     except SpecError as exc:  # batch norm is refused by the monitor; the rest before training
         fail_on(exc, {"noise_mode": "mode"})  # RunSpec field -> our --mode
     if store is not None:
-        with store:
-            store.put(result, study=study)
+        store_result(store, result, study)
     out = report(result)
     if json_out:
         emit_json(out)
@@ -225,7 +224,9 @@ def noise(
 def _print(out: dict[str, Any]) -> None:
     """The estimates, notes on the run, what B_crit means for it, and the scaling table."""
     screen = Console()
-    how = out["mode"] + (f" x{out['noise_splits']}" if out["noise_splits"] else "")
+    how = (out["mode"] or "no measurement") + (
+        f" x{out['noise_splits']}" if out["noise_splits"] else ""
+    )
     if out["micro_batch_size"]:
         how += f", micro-batch {out['micro_batch_size']}"
     screen.print(

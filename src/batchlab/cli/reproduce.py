@@ -67,7 +67,9 @@ def reproduce(
         check_claims(numbers)  # before the progress bar draws anything
         setup = Setup(
             mode="smoke" if smoke else "quick" if quick else "full",
-            seeds=seeds_from(seeds or (5 if not (quick or smoke) else 3), first_seed),
+            seeds=seeds_from(
+                seeds if seeds is not None else 3 if quick or smoke else 5, first_seed
+            ),
             task=task,
             task_options=tuple(parse_options(task_option).items()),
         )

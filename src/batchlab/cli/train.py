@@ -49,7 +49,8 @@ def parse_options(pairs: Sequence[str] | None, field: str = "task_option") -> di
 
 def budget_of(epochs: float | None, steps: int | None, samples: int | None) -> tuple[str, float]:
     """The one budget given on the command line (epochs by default: 1 epoch)."""
-    given = [(u, v) for u, v in (("epochs", epochs), ("steps", steps), ("samples", samples)) if v]
+    pairs = (("epochs", epochs), ("steps", steps), ("samples", samples))
+    given = [(u, v) for u, v in pairs if v is not None]
     if len(given) > 1:
         fail("budget", "give one of --epochs, --steps, --samples")
     return given[0] if given else ("epochs", 1.0)
@@ -65,6 +66,17 @@ def open_store(db: Path | None) -> Any:
         return Store(db)
     except StoreError as exc:
         fail_on(exc)
+
+
+def store_result(store: Any, result: RunResult, study: str | None, weights: Any = None) -> None:
+    """Put one run in the store and close it; a store error (e.g. still locked) is exit 2."""
+    from batchlab.sweep.store import StoreError
+
+    with store:
+        try:
+            store.put(result, study=study, weights=weights)
+        except StoreError as exc:
+            fail_on(exc)
 
 
 def result_table(result: RunResult) -> Table:
@@ -157,7 +169,7 @@ def train(
     json_out: JsonOpt = False,
 ) -> None:
     """Train one run and print its result (status, steps, final losses and metric, wall time)."""
-    from batchlab.engine.data import configure_threads
+    from batchlab.engine.data import configure_threads, resolve_device
     from batchlab.engine.tasks import get_task
     from batchlab.engine.train import plan
     from batchlab.engine.train import train as run_train
@@ -196,6 +208,7 @@ def train(
         )
         built = get_task(task, **options)
         p = plan(spec, built.n_train)
+        dev = resolve_device(device)
     except SpecError as exc:
         fail_on(exc)
     store = open_store(db)
@@ -205,17 +218,16 @@ def train(
         result = run_train(
             spec,
             task=built,
-            device=device,
+            device=dev,
             progress=lambda done, total: bar.update(job, completed=done),
             keep_weights=save_weights or sharpness,
         )
     if sharpness and result.status == "ok":
         from batchlab.engine.sharpness import run_sharpness
 
-        result.extra["sharpness"] = run_sharpness(spec, result.weights, task=built, device=device)
+        result.extra["sharpness"] = run_sharpness(spec, result.weights, task=built, device=dev)
     if store is not None:
-        with store:
-            store.put(result, study=study, weights=result.weights if save_weights else None)
+        store_result(store, result, study, result.weights if save_weights else None)
     if json_out:
         emit_json(result.to_dict())
     else:

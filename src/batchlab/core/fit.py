@@ -241,11 +241,6 @@ class StepsFit:
         """Whether B_crit lies inside the measured batch sizes (otherwise it is an extrapolation)."""
         return min(self.batch_sizes) <= self.critical_batch <= max(self.batch_sizes)
 
-    @property
-    def rmse_log(self) -> float:
-        """Root-mean-square log residual: 0.05 means the fit is off by about 5% per point."""
-        return float(np.sqrt(np.mean(np.square(self.residuals))))
-
     def predict_steps(self, batch_size: float | np.ndarray) -> float | np.ndarray:
         """Fitted steps-to-target at ``batch_size``."""
         return self.s_min * (1.0 + self.critical_batch / np.asarray(batch_size, dtype=float))

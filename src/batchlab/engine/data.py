@@ -47,8 +47,8 @@ def configure_threads(threads: int | None = None) -> int:
 
     Small models train fastest as one process per core with one thread each (measured on 2-core CPUs:
     intra-op threading of a 100-wide MLP costs more in synchronisation than it gains), so sweep workers
-    call this with 1. A single run started from the CLI keeps torch's default (all cores), which helps
-    large batches. ``None`` leaves the setting alone.
+    call this with ``cores // workers`` and ``batchlab train`` with 1 unless ``--threads`` says
+    otherwise. ``None`` leaves the setting alone.
     """
     if threads is not None:
         if threads < 1:

@@ -15,9 +15,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-LR_SCHEDULES = ("constant", "cosine", "linear", "step", "multistep", "exponential")
-WARMUPS = ("linear", "exponential")
+from batchlab.core.rules import OPTIMIZERS
+from batchlab.core.schedules import LR_SCHEDULES, WARMUPS
+
 BUDGET_UNITS = ("epochs", "steps", "samples")
 NOISE_MODES = ("per_example", "split", "accumulation")
 """Noise-scale modes of one process; ``distributed`` needs one process per rank (torchrun)."""
@@ -269,12 +269,13 @@ class RunResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary used by ``batchlab train --json`` and by the store."""
+        n_train = self.extra.get("n_train")
         return {
             "id": self.run_id,
             "status": self.status,
             "steps": self.steps,
             "samples": self.samples,
-            "epochs": self.history[-1]["epoch"] if self.history else 0.0,
+            "epochs": self.samples / n_train if n_train else 0.0,
             "wall_s": self.wall_s,
             "diverged_at": self.diverged_at,
             "error": self.error,

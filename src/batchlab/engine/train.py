@@ -670,13 +670,16 @@ def can_vectorize(task: Task, spec: RunSpec | None = None) -> tuple[bool, str]:
         return False, "gradient accumulation runs solo"
     if spec is not None and spec.noise_scale:
         return False, "noise-scale measurement runs solo"
-    model = task.make_model(0)
+    dev = task.x_train.device
+    model = task.make_model(0).to(dev)
     if any(True for _ in model.buffers()):
         return False, "the model has buffers (e.g. batch norm), which vmap cannot update"
+    if not all(p.requires_grad for p in model.parameters()):
+        return False, "the model has frozen parameters, which the vectorized optimizer would update"
     try:
         from torch.func import functional_call, stack_module_state, vmap
 
-        params, _ = stack_module_state([model, task.make_model(1)])
+        params, _ = stack_module_state([model, task.make_model(1).to(dev)])
         base = copy.deepcopy(model).to("meta")
         vmap(lambda p, x: functional_call(base, p, (x,)), in_dims=(0, None))(
             params, task.x_train[:2]

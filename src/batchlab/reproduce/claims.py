@@ -150,11 +150,26 @@ class Results:
     def __init__(self, store: Store, setup: Setup) -> None:
         self.store, self.setup = store, setup
         self._read: dict[str, StudyData] = {}
+        self._planned: dict[str, set[str]] = {}
+
+    def expect(self, studies: dict[str, list[RunSpec]]) -> None:
+        """Note the runs this setup planned per study: other runs in the same store (another mode,
+        seed set or task) are never mixed into a verdict."""
+        for study, specs in studies.items():
+            self._planned.setdefault(study.removeprefix(STUDY_PREFIX), set()).update(
+                s.run_id for s in specs
+            )
 
     def data(self, study: str) -> StudyData:
-        """The stored runs and histories of one of our studies (read once per stage)."""
+        """The stored runs and histories of one of our studies (read once per stage), limited to
+        the runs this setup planned when it planned any."""
         if study not in self._read:
-            self._read[study] = load_study(self.store, STUDY_PREFIX + study)
+            data = load_study(self.store, STUDY_PREFIX + study)
+            ids = self._planned.get(study)
+            if ids is not None:
+                runs = tuple(r for r in data.runs if r.id in ids)
+                data = StudyData(data.name, runs, data.histories, data.target, data.config)
+            self._read[study] = data
         return self._read[study]
 
     def forget(self) -> None:
@@ -216,7 +231,6 @@ class Claim:
     source: str
     studies: dict[int, Callable[[Setup, Results], dict[str, list[RunSpec]]]]
     judge: Callable[[Setup, Results], Judgement]
-    keep_weights: tuple[str, ...] = ()
     rule: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -406,9 +420,11 @@ def judge_claim4(setup: Setup, results: Results) -> Judgement:
     for b in (small, large):
         for run in data.at(b, lr):
             gap[b].append(final(run, "val_loss") - final(run, "train_loss"))
-            weights = results.store.weights(run.id) if run.status == "ok" else None
             top = math.nan
-            if weights is not None:
+            if run.status == "ok":
+                weights = results.store.weights(run.id)
+                if weights is None:
+                    raise ValueError(f"run {run.id} has no stored weights: use a new --db")
                 top = run_sharpness(run.spec, weights, keskar=False)["top_eigenvalue"]
             sharp[b].append(top)
     outcome = v.large_batch_sharper(gap[small], gap[large], sharp[small], sharp[large])
@@ -733,7 +749,6 @@ CLAIMS: dict[int, Claim] = {
             "Keskar et al. 2017, 'On Large-Batch Training ... Sharp Minima'",
             {1: _grid_only},
             judge_claim4,
-            keep_weights=(GRID,),
         ),
         Claim(
             5,

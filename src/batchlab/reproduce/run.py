@@ -88,6 +88,7 @@ class ReproduceResult:
             "runs_trained": self.runs_trained,
             "runs_reused": self.runs_reused,
             "wall_s": self.wall_s,
+            "stages": self.stages,
         }
 
 
@@ -160,9 +161,9 @@ def reproduce(
     failed: dict[int, str] = {}
     with Store(db) as store:
         results = Results(store, setup)
-        keep_weights = {STUDY_PREFIX + s for c in chosen for s in c.keep_weights}
         for stage in sorted({s for c in chosen for s in c.studies}):
             studies = _plan_stage(chosen, stage, setup, results, failed)
+            results.expect(studies)
             label = f"stage {stage}: {', '.join(s.removeprefix(STUDY_PREFIX) for s in studies)}"
             log.info("%s (%d runs)", label, sum(len(s) for s in studies.values()))
             report = run_specs(
@@ -171,13 +172,14 @@ def reproduce(
                 executor=executor or "local",
                 workers=workers,
                 device=device,
-                keep_weights=keep_weights,
+                keep_weights={STUDY_PREFIX + GRID},  # claim 4's sharpness, whichever claims run
+                retry_failed=True,  # a failed run is no result: a rerun tries it again
                 progress=(lambda r, label=label: progress(label, r)) if progress else None,
             )
             result.runs_trained += report.to_run
             result.runs_reused += report.skipped
             result.stages.append({"stage": stage, "studies": sorted(studies), **report.to_dict()})
-            results.forget()
+            results.forget()  # the next stage plans on what this one stored
         result.claims = [_judge(c, setup, results, failed) for c in chosen]
         if out is not None:
             result.report = write_reproduce_report(result, store, results, Path(out))

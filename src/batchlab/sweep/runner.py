@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from batchlab.engine.data import configure_threads
+from batchlab.engine.data import configure_threads, resolve_device
 from batchlab.engine.spec import RunResult, RunSpec, SpecError
 from batchlab.engine.tasks import Task, get_task
 from batchlab.engine.train import ensemble_chunks, failed_result, train_ensemble
@@ -291,7 +291,10 @@ def _ray(
     weighted: set[str],
 ) -> Iterator[Outcome]:
     with ray_session(address, workers) as ray:
-        remote = ray.remote(num_cpus=1)(run_unit)
+        # Ray hides GPUs from tasks that ask for none: with CUDA, each unit asks for a share
+        gpus = ray.cluster_resources().get("GPU", 0.0) if device != "cpu" else 0.0
+        share = min(1.0, gpus / workers) if gpus else 0.0
+        remote = ray.remote(num_cpus=1, num_gpus=share)(run_unit)
         pending = {remote.remote(unit, 1, device, _keeps(unit, weighted)): unit for unit in todo}
         while pending:
             (ready,), _ = ray.wait(list(pending), num_returns=1)
@@ -373,6 +376,8 @@ def run_specs(
         progress: called with the live ``SweepReport`` after each stored unit and during inline units.
     """
     executor = check_executor(executor, workers, address)
+    if executor != "ray":  # a Ray cluster's devices are its nodes', not the driver's
+        resolve_device(device)  # a bad name fails here, not as a failed result per run
     n_workers = 1 if executor == "inline" else workers or cpu_count()
     member_of: dict[str, list[str]] = {}
     specs: dict[str, RunSpec] = {}
