@@ -111,7 +111,7 @@ def test_check_claims():
 
 
 def test_another_seed_set_in_the_same_store_is_judged_on_its_own_runs(smoke):
-    root, first = smoke
+    root, _ = smoke
     other = Setup(mode="smoke", seeds=(2, 3))
     again = reproduce([1], setup=other, db=root / "runs.sqlite", out=None, executor="inline")
     assert again.runs_trained > 0  # the new seeds' grid runs
