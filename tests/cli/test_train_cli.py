@@ -69,6 +69,7 @@ def test_diverging_run_is_a_result_not_a_crash():
         (["--save-weights"], "save_weights"),
         (["--task-option", "novalue"], "task_option"),
         (["--threads", "0"], "threads"),
+        (["-o", "norm=ghost", "-o", "ghost_batch_size=48"], "ghost_batch_size"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, field):

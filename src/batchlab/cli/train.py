@@ -171,7 +171,7 @@ def train(
     """Train one run and print its result (status, steps, final losses and metric, wall time)."""
     from batchlab.engine.data import configure_threads, resolve_device
     from batchlab.engine.tasks import get_task
-    from batchlab.engine.train import plan
+    from batchlab.engine.train import check_batches, plan
     from batchlab.engine.train import train as run_train
 
     if not lr > 0:
@@ -208,6 +208,7 @@ def train(
         )
         built = get_task(task, **options)
         p = plan(spec, built.n_train)
+        check_batches(spec, built)
         dev = resolve_device(device)
     except SpecError as exc:
         fail_on(exc)

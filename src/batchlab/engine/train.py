@@ -143,6 +143,22 @@ def plan(spec: RunSpec, n_train: int) -> Plan:
     return resolved
 
 
+def check_batches(spec: RunSpec, task: Task) -> None:
+    """Forward one batch of every size the run uses through a fresh model, so that a model which
+    refuses a batch (``SpecError``, e.g. a ghost batch size that does not divide it) does so before
+    training starts. Other errors are left to training, which records them as a failed run."""
+    model = task.make_model(spec.seed).train()
+    for size in {spec.batch_size, *(b for _, b in spec.batch_schedule)}:
+        rows = spec.micro_batch_size or size
+        try:
+            with torch.no_grad():
+                model(task.x_train[:rows])
+        except SpecError:
+            raise
+        except Exception:  # any other failure shows up, and is recorded, in training
+            return
+
+
 def lr_schedule(spec: RunSpec, p: Plan) -> Callable[[float], float]:
     """The spec's LR schedule as a function of the step counted at the first batch size."""
     return build_lr_schedule(
