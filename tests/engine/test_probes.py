@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -385,18 +384,13 @@ def _distributed_run(variant: str, rank: int | None) -> tuple[list[float], int, 
 DIST_VARIANTS = ("ddp", "ddp-adam", "manual")
 
 
-def _distributed_worker(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _distributed_worker(rank: int, out: str) -> None:
+    # a file rendezvous: no port to pick, so no race with another process taking it
+    dist.init_process_group("gloo", f"file://{out}/rendezvous", rank=rank, world_size=2)
     try:
         torch.save({v: _distributed_run(v, rank) for v in DIST_VARIANTS}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not dist.is_gloo_available(), reason="needs the gloo backend")
@@ -406,7 +400,7 @@ def test_distributed_two_ranks_equal_accumulation_over_two_micro_batches(
     monkeypatch.syspath_prepend(str(Path(__file__).parents[2]))  # spawned ranks import this module
     ctx = mp.start_processes(
         _distributed_worker,
-        args=(_free_port(), str(tmp_path)),
+        args=(str(tmp_path),),
         nprocs=2,
         join=False,
         start_method="spawn",

@@ -639,18 +639,9 @@ def train(
         progress: ``progress(steps_done, total_steps)`` callback.
         keep_weights: put the final weights in ``RunResult.weights``.
     """
-    dev = resolve_device(device)
-    task = _resolve_task(spec, task, dev)
-    p = plan(spec, task.n_train)
-    log.info(p.describe(spec))
-    started = time.perf_counter()
-    try:
-        stepper = _Solo(task, spec, dev)
-        return _run(stepper, [spec], task, p, progress, keep_weights, dev)[0]
-    except SpecError:
-        raise
-    except Exception as exc:  # a user model or task can fail in any way: record it, go on
-        return _failed(spec, exc, started)
+    return train_ensemble(
+        [spec], task=task, device=device, progress=progress, keep_weights=keep_weights
+    )[0]
 
 
 def ensemble_key(spec: RunSpec) -> str:
@@ -666,18 +657,23 @@ def ensemble_capacity(spec: RunSpec) -> int:
     return max(1, ENSEMBLE_ROWS // spec.batch_size)
 
 
+def _chunk_indices(specs: Sequence[RunSpec], max_members: int | None = None) -> list[list[int]]:
+    """Positions of ``specs`` grouped by ``ensemble_key``, cut into chunks of at most
+    ``max_members`` (default ``ensemble_capacity``), in input order."""
+    groups: dict[str, list[int]] = {}
+    for i, spec in enumerate(specs):
+        groups.setdefault(ensemble_key(spec), []).append(i)
+    chunks = []
+    for group in groups.values():
+        size = max_members or ensemble_capacity(specs[group[0]])
+        chunks.extend(group[lo : lo + size] for lo in range(0, len(group), size))
+    return chunks
+
+
 def ensemble_chunks(specs: Sequence[RunSpec]) -> list[list[RunSpec]]:
     """Specs grouped as ``train_ensemble`` trains them at once: same ``ensemble_key``, at most
     ``ensemble_capacity`` per chunk, in input order (what a sweep worker gets as one unit)."""
-    groups: dict[str, list[RunSpec]] = {}
-    for spec in specs:
-        groups.setdefault(ensemble_key(spec), []).append(spec)
-    size = {key: ensemble_capacity(group[0]) for key, group in groups.items()}
-    return [
-        group[lo : lo + size[key]]
-        for key, group in groups.items()
-        for lo in range(0, len(group), size[key])
-    ]
+    return [[specs[i] for i in chunk] for chunk in _chunk_indices(specs)]
 
 
 def can_vectorize(task: Task, spec: RunSpec | None = None) -> tuple[bool, str]:
@@ -724,44 +720,44 @@ def train_ensemble(
         return []
     dev = resolve_device(device)
     tasks: dict[str, Task] = {}
-    groups: dict[str, list[int]] = {}
-    for i, s in enumerate(specs):
-        groups.setdefault(ensemble_key(s), []).append(i)
+    vectorizable: dict[str, tuple[bool, str]] = {}
     total = sum(plan(s, _task_for(s, task, tasks, dev).n_train).total_steps for s in specs)
     done_before = 0
     out: list[RunResult | None] = [None] * len(specs)
-    for members in groups.values():
-        first = specs[members[0]]
+    for chunk in _chunk_indices(specs, max_members):
+        first = specs[chunk[0]]
         t = _task_for(first, task, tasks, dev)
         p = plan(first, t.n_train)
-        ok, why = can_vectorize(t, first)
-        cap = max_members or ensemble_capacity(first)
-        if not ok and len(members) > 1:
-            log.info("%s: %d runs train one after another: %s", first.task, len(members), why)
-        size = cap if ok else 1
-        for lo in range(0, len(members), size):
-            chunk = members[lo : lo + size]
-            chunk_specs = [specs[i] for i in chunk]
-            offset = done_before
+        log.info(p.describe(first) + (f" ({len(chunk)} runs)" if len(chunk) > 1 else ""))
+        key = ensemble_key(first)
+        if len(chunk) > 1 and key not in vectorizable:  # once per group, not per chunk
+            vectorizable[key] = can_vectorize(t, first)
+        ok, why = vectorizable[key] if len(chunk) > 1 else (True, "")
+        if not ok:
+            log.info("%s: %d runs train one after another: %s", first.task, len(chunk), why)
+        for group in [chunk] if ok else [[i] for i in chunk]:
+            group_specs = [specs[i] for i in group]
 
-            def report(done: int, _total: int, offset: int = offset, n: int = len(chunk)) -> None:
+            def report(
+                done: int, _total: int, offset: int = done_before, n: int = len(group)
+            ) -> None:
                 if progress is not None:
                     progress(offset + done * n, total)
 
             started = time.perf_counter()
             try:
-                if len(chunk) == 1:
-                    stepper: _Solo | _Ensemble = _Solo(t, chunk_specs[0], dev)
+                if len(group) == 1:
+                    stepper: _Solo | _Ensemble = _Solo(t, group_specs[0], dev)
                 else:
-                    stepper = _Ensemble(t, chunk_specs, dev)
-                results = _run(stepper, chunk_specs, t, p, report, keep_weights, dev)
+                    stepper = _Ensemble(t, group_specs, dev)
+                results = _run(stepper, group_specs, t, p, report, keep_weights, dev)
             except SpecError:
                 raise
-            except Exception as exc:  # as in train(): a failure is a result
-                results = [_failed(s, exc, started) for s in chunk_specs]
-            for i, r in zip(chunk, results, strict=True):
+            except Exception as exc:  # a user model or task can fail in any way: record it, go on
+                results = [_failed(s, exc, started) for s in group_specs]
+            for i, r in zip(group, results, strict=True):
                 out[i] = r
-            done_before += p.total_steps * len(chunk)
+            done_before += p.total_steps * len(group)
     return [r for r in out if r is not None]
 
 

@@ -249,6 +249,26 @@ def _log_batch_axis(ax: Any, batch_sizes: Sequence[int]) -> None:
     ax.grid(alpha=0.3)
 
 
+def _judged(
+    number: int, name: str, outcome: v.Outcome, fig: Figure, caption: str, rows: Sequence[Any]
+) -> Judgement:
+    """A judgement with one figure, named ``claim<number>-<name>`` in the report."""
+    figure = ReportFigure(f"claim{number}-{name}", f"Claim {number}", caption, fig)
+    return Judgement(outcome, (figure,), tuple(rows))
+
+
+def _evidence(outcome: v.Outcome, *keys: str) -> list[tuple[str, Any]]:
+    """Rows of the table under a claim: the named entries of its evidence."""
+    return [(k, outcome.evidence[k]) for k in keys]
+
+
+def _per_batch(
+    label: str, batch_sizes: Sequence[int], values: Sequence[Any]
+) -> list[tuple[str, Any]]:
+    """Rows ``batch B: label`` of a per-batch-size evidence list."""
+    return [(f"batch {b}: {label}", x) for b, x in zip(batch_sizes, values, strict=True)]
+
+
 def _seed_dots(
     ax: Any, groups: Sequence[Sequence[float]], names: Sequence[str], label: str
 ) -> None:
@@ -287,13 +307,8 @@ def judge_claim1(setup: Setup, results: Results) -> Judgement:
         f"Final training loss at a fixed learning rate ({lr:g}, the grid's best for batch 64) "
         f"after {setup.sizes.grid_epochs:g} epochs: a larger batch takes fewer steps over the same data."
     )
-    rows = tuple(
-        (f"batch {b}: mean loss", m)
-        for b, m in zip(CLAIM1_BATCHES, outcome.evidence["mean_loss"], strict=True)
-    )
-    return Judgement(
-        outcome, (ReportFigure("claim1-loss-vs-batch", "Claim 1", caption, fig),), rows
-    )
+    rows = _per_batch("mean loss", CLAIM1_BATCHES, outcome.evidence["mean_loss"])
+    return _judged(1, "loss-vs-batch", outcome, fig, caption, rows)
 
 
 # -- claim 2 ---------------------------------------------------------------------------------------
@@ -356,13 +371,8 @@ def judge_claim2(setup: Setup, results: Results) -> Judgement:
         f"Training loss against epochs with lr = {base:g} x B/64 (linear rule, warmup over the first "
         f"{epochs / 5:g} epochs); a batch size 'matches' when its final loss is within 10% of batch 64's."
     )
-    rows = tuple(
-        (f"batch {b}: relative difference", r)
-        for b, r in zip(batches, outcome.evidence["relative_difference"], strict=True)
-    )
-    return Judgement(
-        outcome, (ReportFigure("claim2-linear-scaling", "Claim 2", caption, fig),), rows
-    )
+    rows = _per_batch("relative difference", batches, outcome.evidence["relative_difference"])
+    return _judged(2, "linear-scaling", outcome, fig, caption, rows)
 
 
 # -- claim 3 ---------------------------------------------------------------------------------------
@@ -402,7 +412,7 @@ def judge_claim3(setup: Setup, results: Results) -> Judgement:
         ("interval high", high),
         ("table alpha", TABLE_EXPONENT),
     )
-    return Judgement(outcome, (ReportFigure("claim3-best-lr", "Claim 3", caption, fig),), rows)
+    return _judged(3, "best-lr", outcome, fig, caption, rows)
 
 
 # -- claim 4 ---------------------------------------------------------------------------------------
@@ -443,13 +453,8 @@ def judge_claim4(setup: Setup, results: Results) -> Judgement:
         f"Generalization gap and sharpness at the final weights, batch {small} vs {large}, both at lr "
         f"{lr:g} for {setup.sizes.grid_epochs:g} epochs (dots: seeds, bars: means)."
     )
-    rows = tuple(
-        (k, outcome.evidence[k])
-        for k in ("gap_small", "gap_large", "sharpness_small", "sharpness_large")
-    )
-    return Judgement(
-        outcome, (ReportFigure("claim4-gap-sharpness", "Claim 4", caption, fig),), rows
-    )
+    rows = _evidence(outcome, "gap_small", "gap_large", "sharpness_small", "sharpness_large")
+    return _judged(4, "gap-sharpness", outcome, fig, caption, rows)
 
 
 # -- claim 5 ---------------------------------------------------------------------------------------
@@ -514,13 +519,8 @@ def judge_claim5(setup: Setup, results: Results) -> Judgement:
         f"{CLAIM5_LARGE // CLAIM5_SMALL}x the epochs (the small batch's number of updates), lr "
         f"x sqrt({CLAIM5_LARGE // CLAIM5_SMALL}), ghost batch norm over {CLAIM5_SMALL} examples."
     )
-    rows = tuple(
-        (k, outcome.evidence[k])
-        for k in ("small_batch", "large_batch_equal_epochs", "large_batch_adapted")
-    )
-    return Judgement(
-        outcome, (ReportFigure("claim5-regime-adaptation", "Claim 5", caption, fig),), rows
-    )
+    rows = _evidence(outcome, "small_batch", "large_batch_equal_epochs", "large_batch_adapted")
+    return _judged(5, "regime-adaptation", outcome, fig, caption, rows)
 
 
 # -- claim 6 ---------------------------------------------------------------------------------------
@@ -598,18 +598,8 @@ def judge_claim6(setup: Setup, results: Results) -> Judgement:
         "Decaying the learning rate by 5x at 50% and 75% of training (batch 64) against growing the "
         "batch by 5x at the same epochs instead (Smith et al. 2018): same epochs, fewer updates."
     )
-    rows = tuple(
-        (k, outcome.evidence[k])
-        for k in (
-            "decay_lr_metric",
-            "increase_batch_metric",
-            "decay_lr_steps",
-            "increase_batch_steps",
-        )
-    )
-    return Judgement(
-        outcome, (ReportFigure("claim6-increase-batch", "Claim 6", caption, fig),), rows
-    )
+    keys = ("decay_lr_metric", "increase_batch_metric", "decay_lr_steps", "increase_batch_steps")
+    return _judged(6, "increase-batch", outcome, fig, caption, _evidence(outcome, *keys))
 
 
 # -- claim 7 ---------------------------------------------------------------------------------------
@@ -716,7 +706,7 @@ def judge_claim8(setup: Setup, results: Results) -> Judgement:
         "(loss not finite or 10x its start), per batch size and seed (SGD, momentum 0.9)."
     )
     rows = tuple((f"batch {b}", float(np.median(thresholds[:, i]))) for i, b in enumerate(bs))
-    return Judgement(outcome, (ReportFigure("claim8-divergence", "Claim 8", caption, fig),), rows)
+    return _judged(8, "divergence", outcome, fig, caption, rows)
 
 
 CLAIMS: dict[int, Claim] = {
