@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from batchlab.cli._app import (
@@ -235,20 +236,16 @@ def sharpness_command(
         )
     try:
         built = stored_task(record.spec, run, named=task, trust_code=trust_task_code)
-        console.print(
-            f"sharpness of run {run} ({record.spec.task}, status {record.status})",
-            style="dim",
-            markup=False,
-        )
-        report = run_sharpness(
-            record.spec,
-            weights,
-            task=built,
-            device=device,
-            iters=iters,
-            epsilon=epsilon,
-            keskar=keskar,
-        )
+        with console.status(escape(f"sharpness of run {run} ({record.spec.task})")):
+            report = run_sharpness(
+                record.spec,
+                weights,
+                task=built,
+                device=device,
+                iters=iters,
+                epsilon=epsilon,
+                keskar=keskar,
+            )
     except SpecError as exc:
         fail_on(exc)
     summary = {
@@ -265,7 +262,7 @@ def sharpness_command(
     rows = [
         (
             "task / batch size / lr",
-            f"{record.spec.task} / {record.spec.batch_size} / {record.spec.lr:g}",
+            escape(f"{record.spec.task} / {record.spec.batch_size} / {record.spec.lr:g}"),
         ),
         ("training loss", _num(report["loss"], ".4f")),
         ("top Hessian eigenvalue", _num(report["top_eigenvalue"], ".4g")),
