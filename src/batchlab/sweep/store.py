@@ -555,7 +555,6 @@ class Store:
         self._conn = conn
         try:
             conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA trusted_schema = OFF")  # a file's views/triggers call no functions
             if readonly:
                 conn.execute("PRAGMA query_only = ON")
             conn.execute("SELECT count(*) FROM sqlite_master")  # fails for a non-SQLite file
