@@ -397,26 +397,39 @@ def _history_row(run_id: str, seq: int, row: dict[str, Any]) -> tuple[Any, ...]:
     return (run_id, seq, *values, mask, _dumps(extra, "history") if extra else None)
 
 
+# Python types a history cell may have, per typed column (floats may come back as ints).
+_HISTORY_KINDS = tuple(
+    (name, (int,) if kind is int else (int, float)) for name, kind in _HISTORY_COLUMNS
+)
+
+
+def _bad_history(row: sqlite3.Row, what: str) -> _Damaged:
+    return _Damaged("history", f"row {_short(row['seq'])}: {what}")
+
+
 def _history_dict(row: sqlite3.Row) -> dict[str, Any]:
     """Inverse of ``_history_row`` for one fetched row; ``_Damaged("history", ...)`` when a cell
     has the wrong kind or the extra JSON is unreadable."""
     mask = row["nan_mask"]
-    where = f"row {_short(row['seq'])}"
     if not isinstance(mask, int):
-        raise _Damaged("history", f"{where}: nan_mask must be an integer, got {_short(repr(mask))}")
+        raise _bad_history(row, f"nan_mask must be an integer, got {_short(repr(mask))}")
     out = {}
-    for bit, (name, kind) in enumerate(_HISTORY_COLUMNS):
-        value = math.nan if mask >> bit & 1 else row[name]
-        if not (value is None or isinstance(value, int if kind is int else int | float)):
-            raise _Damaged("history", f"{where}: {name} must be {kind.__name__}, got {value!r:.40}")
+    for bit, (name, kinds) in enumerate(_HISTORY_KINDS):
+        value = row[name]
+        if mask >> bit & 1:
+            value = math.nan
+        elif value is not None and not isinstance(value, kinds):
+            kind = kinds[-1].__name__
+            raise _bad_history(row, f"{name} must be {kind}, got {_short(repr(value))}")
         out[name] = value
-    try:
-        extra = _json_cell(row["extra"], "history")
-    except _Damaged as exc:
-        raise _Damaged("history", f"{where}: extra {exc.message}") from exc
-    if not isinstance(extra, dict | None):
-        raise _Damaged("history", f"{where}: extra must be a JSON object, got {_short(extra)}")
-    out.update(extra or {})
+    if row["extra"] is not None:
+        try:
+            extra = _json_cell(row["extra"], "history")
+        except _Damaged as exc:
+            raise _bad_history(row, f"extra {exc.message}") from exc
+        if not isinstance(extra, dict):
+            raise _bad_history(row, f"extra must be a JSON object, got {_short(extra)}")
+        out.update(extra)
     return out
 
 
