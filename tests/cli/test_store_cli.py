@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -216,3 +218,22 @@ def test_parquet_without_pyarrow_says_how_to_get_it(db: Path, tmp_path: Path, mo
         "error: format: parquet export needs pyarrow: pip install 'batchlab[parquet]'\n"
     )
     assert not (tmp_path / "p").exists()
+
+
+def test_a_damaged_run_is_one_warning_and_the_others_are_listed_and_exported(
+    db: Path, tmp_path: Path
+):
+    bad = result(0.1).run_id
+    with sqlite3.connect(db) as raw:
+        raw.execute("UPDATE runs SET final = 'oops' WHERE id = ?", (bad,))
+    raw.close()
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    warning = f"warning: run {bad}: final: not valid JSON (Expecting value: line 1 column 1 (char 0)); skipped\n"
+    out = invoke("runs", "--db", db)
+    assert out.exit_code == 0 and out.stderr == warning
+    assert "4 runs" in out.stdout and bad not in out.stdout
+    assert all(result(lr).run_id in out.stdout for lr in (0.01, 3.0, 1.0))
+    out = invoke("export", "--db", db, "--out", tmp_path / "e", "--study", "grid")
+    assert out.exit_code == 0 and out.stderr == warning
+    assert out.stdout.startswith("exported 3 runs")
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before

@@ -6,6 +6,7 @@ import copy
 import gzip
 import pickle
 import random
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -16,8 +17,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+import batchlab
 from batchlab.engine.ghost_bn import GhostBatchNorm
-from batchlab.engine.spec import SpecError
+from batchlab.engine.spec import RunSpec, SpecError
 from batchlab.engine.tasks import (
     DEFAULT_FASHION_DIR,
     FASHION_DIR_ENV,
@@ -29,6 +31,7 @@ from batchlab.engine.tasks import (
     get_task,
     list_tasks,
     read_idx,
+    stored_task,
 )
 
 REAL_FASHION = Path(DEFAULT_FASHION_DIR)
@@ -475,6 +478,41 @@ def test_user_task_errors_are_clear(user_module, target, options, field, text):
     with pytest.raises(SpecError, match=text) as info:
         get_task(target.format(m=user_module), **options)
     assert info.value.field == field
+
+
+def test_stored_task_imports_user_code_only_when_the_user_names_it(user_module):
+    name = f"{user_module}:make_task"
+    spec = RunSpec(task=name, batch_size=8, lr=0.1, task_options={"n": 100})
+    with pytest.raises(SpecError) as info:
+        stored_task(spec, "abc123")
+    assert info.value.field == "task"
+    assert str(info.value) == (
+        f"task: run abc123 uses user code {name!r} (would import module {user_module!r}); "
+        f"pass --task {name} to run it"
+    )
+    with pytest.raises(SpecError, match=f"run abc123 was trained on task {name!r}, not 'x:y'"):
+        stored_task(spec, "abc123", named="x:y", trust_code=True)
+    assert user_module not in sys.modules  # refused before any import
+    assert stored_task(spec, "abc123", named=name).n_train == 100
+    sys.modules.pop(user_module)
+    assert stored_task(spec, "abc123", trust_code=True).n_train == 100
+    builtin = RunSpec(task="digits-mlp", batch_size=8, lr=0.1, task_options={"hidden": 3})
+    assert stored_task(builtin, "b").make_model(0)[0].out_features == 3
+
+
+def test_no_module_deserializes_with_pickle_or_evaluates_text():
+    """Stores hold JSON and safetensors only: nothing in batchlab unpickles or evaluates text."""
+    pattern = re.compile(
+        r"\b(import|from) (c?pickle|marshal|shelve|dill)\b|torch\.load\(|(?<![.\w])(eval|exec)\("
+    )
+    src = Path(batchlab.__file__).parent
+    hits = [
+        f"{path.relative_to(src)}:{n}"
+        for path in sorted(src.rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert hits == []
 
 
 def test_user_module_that_fails_on_import(tmp_path, monkeypatch):

@@ -510,3 +510,113 @@ def test_sigkill_mid_write_never_leaves_a_partial_run(tmp_path: Path):
             assert len(histories[record.id]) == common.n_rows(record.seed) == record.steps
             assert canon(histories[record.id]) == canon(expected.history)
             assert torch.equal(store.weights(record.id)["w"], weights["w"])
+
+
+# -- a store is data: damaged rows are reported per run, the rest is read --------------------------
+
+
+def _damage(path: Path, *statements: str) -> None:
+    with sqlite3.connect(path) as raw:
+        raw.execute("PRAGMA ignore_check_constraints = ON")
+        for statement in statements:
+            raw.execute(statement)
+    raw.close()
+
+
+@pytest.mark.parametrize(
+    ("field", "sql", "says"),
+    [
+        ("spec", "UPDATE runs SET spec = 'x' WHERE id = :id", "not valid JSON"),
+        ("spec", """UPDATE runs SET spec = '{"task": 1}' WHERE id = :id""", "not a valid run spec"),
+        ("spec", """UPDATE runs SET spec = json_set(spec, '$.seed', 'a') WHERE id = :id""", "seed"),
+        ("spec", """UPDATE runs SET spec = json_set(spec, '$.task', 7) WHERE id = :id""", "task"),
+        ("final", "UPDATE runs SET final = x'00ff' WHERE id = :id", "not valid JSON"),
+        ("final", """UPDATE runs SET final = '[1]' WHERE id = :id""", "object of numbers"),
+        ("extra", "UPDATE runs SET extra = '3' WHERE id = :id", "JSON object"),
+        ("wall_s", "UPDATE runs SET wall_s = 'slow' WHERE id = :id", "must be float"),
+        ("status", "UPDATE runs SET status = 'great' WHERE id = :id", "must be one of"),
+        ("diverged_at", "UPDATE runs SET diverged_at = 1.5 WHERE id = :id", "must be int"),
+    ],
+)
+def test_a_damaged_run_row_is_reported_once_and_skipped(tmp_path: Path, field, sql, says):
+    path = tmp_path / "runs.sqlite"
+    good, bad = make_result(lr=0.1), make_result(lr=0.2)
+    with Store(path) as store:
+        store.put_many([good, bad], study="s")
+    _damage(path, sql.replace(":id", f"'{bad.run_id}'"))
+    seen = []
+    with Store(path, readonly=True, on_damage=seen.append) as store:
+        assert [r.id for r in store.runs()] == [good.run_id]
+        assert [r.id for r in store.runs("s")] == [good.run_id]
+        records, histories = store.runs_with_histories("s")
+        assert [r.id for r in records] == [good.run_id] and len(histories[good.run_id]) == 4
+        with pytest.raises(StoreError) as err:
+            store.get(bad.run_id)
+        assert err.value.field == field and err.value.message.startswith(f"run {bad.run_id}: ")
+        assert says in err.value.message and "\n" not in str(err.value)
+        assert store.get(good.run_id) is not None
+    assert [(d.where, d.field) for d in seen] == [(f"run {bad.run_id}", field)]  # once
+    assert says in seen[0].message
+
+
+def test_a_damaged_history_row_leaves_its_run_out_of_the_histories(tmp_path: Path):
+    path = tmp_path / "runs.sqlite"
+    good, bad = make_result(lr=0.1), make_result(lr=0.2)
+    with Store(path) as store:
+        store.put_many([good, bad], study="s")
+    _damage(path, f"UPDATE history SET step = 'x' WHERE run_id = '{bad.run_id}' AND seq = 2")
+    seen = []
+    with Store(path, readonly=True, on_damage=seen.append) as store:
+        assert len(store.runs()) == 2  # the run row itself is fine
+        histories = store.histories([good.run_id, bad.run_id])
+        assert list(histories) == [good.run_id]
+        with pytest.raises(StoreError, match=f"run {bad.run_id}: row 2: step must be int"):
+            store.history(bad.run_id)
+        records, _ = store.runs_with_histories()
+        assert [r.id for r in records] == [good.run_id]
+    assert [str(d) for d in seen] == [
+        f"run {bad.run_id}: history: row 2: step must be int, got 'x'"
+    ]
+
+
+def test_a_damaged_study_config_is_reported_and_read_as_none(tmp_path: Path):
+    path = tmp_path / "runs.sqlite"
+    with Store(path) as store:
+        store.set_study("s", {"target": {"metric": "val_metric", "value": 0.5}})
+        store.put(make_result(), study="s")
+    _damage(path, "UPDATE studies SET config = '{' WHERE name = 's'")
+    seen = []
+    with Store(path, readonly=True, on_damage=seen.append) as store:
+        assert store.study_config("s") is None
+        assert [s.config for s in store.studies()] == [None]
+        assert len(store.runs("s")) == 1
+    assert [(d.where, d.field) for d in seen] == [("study s", "config")]
+
+
+def test_damaged_weights_are_a_store_error_never_a_safetensors_traceback(tmp_path: Path):
+    path = tmp_path / "runs.sqlite"
+    a, b = make_result(lr=0.1), make_result(lr=0.2)
+    with Store(path) as store:
+        for r in (a, b):
+            store.put(r, weights={"w": torch.ones(2)})
+    _damage(
+        path,
+        f"UPDATE weights SET data = randomblob(100) WHERE run_id = '{a.run_id}'",
+        f"UPDATE weights SET format = 'pickle' WHERE run_id = '{b.run_id}'",
+    )
+    with Store(path, readonly=True) as store:
+        for run_id, says in ((a.run_id, "not readable safetensors data"), (b.run_id, "'pickle'")):
+            with pytest.raises(StoreError) as err:
+                store.weights(run_id)
+            assert err.value.field == "weights" and err.value.message.startswith(f"run {run_id}:")
+            assert says in err.value.message
+
+
+def test_an_unreadable_schema_version_is_refused(tmp_path: Path):
+    path = tmp_path / "runs.sqlite"
+    Store(path).close()
+    _damage(path, "UPDATE meta SET value = 'one' WHERE key = 'schema_version'")
+    for readonly in (False, True):
+        with pytest.raises(StoreError, match="unreadable schema version 'one'") as err:
+            Store(path, readonly=readonly)
+        assert err.value.field == "db"

@@ -154,11 +154,11 @@ def load_study(
 
 def _read(store: Store, study: str | None, target: Target | None) -> StudyData:
     name = resolve_study(store, study)
-    runs = store.runs(name)
+    runs, histories = store.runs_with_histories(name)
     config = store.study_config(name) if name is not None else None
     if target is None:
         target = Target.from_config(config)
-    return StudyData(name, tuple(runs), store.histories(r.id for r in runs), target, config)
+    return StudyData(name, tuple(runs), histories, target, config)
 
 
 def column(rows: Iterable[Mapping[str, Any]], name: str) -> np.ndarray:

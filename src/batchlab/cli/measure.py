@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from batchlab.cli._app import (
@@ -192,6 +193,17 @@ def lr_find_command(
 def sharpness_command(
     db: DbOpt = DEFAULT_DB,
     run: str = typer.Option(..., "--run", help="Run id (see `batchlab runs`)."),
+    task: str | None = typer.Option(
+        None,
+        "--task",
+        help="The run's user task module:function, to allow importing it (built-in tasks need "
+        "nothing; a store names no code to run).",
+    ),
+    trust_task_code: bool = typer.Option(
+        False,
+        "--trust-task-code",
+        help="Import whatever user task the stored run names (only for a store you trust).",
+    ),
     iters: int = typer.Option(100, help="Most Hessian-vector products for the top eigenvalue."),
     epsilon: float = typer.Option(1e-3, help="Keskar box size: |z_i| <= epsilon (|x_i| + 1)."),
     keskar: bool = typer.Option(
@@ -201,12 +213,15 @@ def sharpness_command(
     json_out: JsonOpt = False,
 ) -> None:
     """Sharpness of a stored run's final weights on its training set: top Hessian eigenvalue
-    against the stability edge 2/lr, and Keskar et al. (2017) sharpness."""
+    against the stability edge 2/lr, and Keskar et al. (2017) sharpness. A user task stored with
+    the run is imported only when named with --task (or with --trust-task-code)."""
+    from batchlab.cli.store import open_store
     from batchlab.engine.sharpness import run_sharpness
-    from batchlab.sweep.store import Store, StoreError
+    from batchlab.engine.tasks import stored_task
+    from batchlab.sweep.store import StoreError
 
     try:
-        with Store(db, readonly=True) as store:
+        with open_store(db) as store:
             record = store.get(run)
             weights = None if record is None else store.weights(run)
     except StoreError as exc:
@@ -219,11 +234,18 @@ def sharpness_command(
             f"run {run} has no saved weights; rerun it with "
             f"`batchlab train ... --db {db} --save-weights`",
         )
-    console.print(f"[dim]sharpness of run {run} ({record.spec.task}, status {record.status})[/dim]")
     try:
-        report = run_sharpness(
-            record.spec, weights, device=device, iters=iters, epsilon=epsilon, keskar=keskar
-        )
+        built = stored_task(record.spec, run, named=task, trust_code=trust_task_code)
+        with console.status(escape(f"sharpness of run {run} ({record.spec.task})")):
+            report = run_sharpness(
+                record.spec,
+                weights,
+                task=built,
+                device=device,
+                iters=iters,
+                epsilon=epsilon,
+                keskar=keskar,
+            )
     except SpecError as exc:
         fail_on(exc)
     summary = {
@@ -240,7 +262,7 @@ def sharpness_command(
     rows = [
         (
             "task / batch size / lr",
-            f"{record.spec.task} / {record.spec.batch_size} / {record.spec.lr:g}",
+            escape(f"{record.spec.task} / {record.spec.batch_size} / {record.spec.lr:g}"),
         ),
         ("training loss", _num(report["loss"], ".4f")),
         ("top Hessian eigenvalue", _num(report["top_eigenvalue"], ".4g")),

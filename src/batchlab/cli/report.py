@@ -17,6 +17,7 @@ from rich.table import Table
 from batchlab.analysis import StudyAnalysis, Target, analyze
 from batchlab.analysis.summary import fmt
 from batchlab.cli._app import DEFAULT_DB, DbOpt, app, console, emit_json, fail, fail_on
+from batchlab.cli.store import open_store
 from batchlab.engine.spec import SpecError
 from batchlab.sweep.store import StoreError
 
@@ -51,7 +52,8 @@ def _target(text: str | None) -> Target | None:
 def _analysis(db: Path, study: str | None, target: str | None) -> StudyAnalysis:
     goal = _target(target)
     try:
-        return analyze(db, study, target=goal)
+        with open_store(db) as store:
+            return analyze(store, study, target=goal)
     except (StoreError, SpecError) as exc:
         fail_on(exc)
 

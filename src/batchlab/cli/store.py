@@ -1,7 +1,8 @@
 """``batchlab runs`` and ``batchlab export``: read a store (never create one).
 
 Both open the database read-only, so a missing or foreign file is one ``error: db: ...`` line
-and exit code 2, and a sweep writing to the same file meanwhile is not disturbed (WAL).
+and exit code 2, and a sweep writing to the same file meanwhile is not disturbed (WAL). A run whose
+row cannot be decoded is one ``warning: run <id>: <field>: ...; skipped`` line; the others are read.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from batchlab.cli._app import DEFAULT_DB, DbOpt, app, emit_json, fail, fail_on
-from batchlab.sweep.store import RunRecord, Store, StoreError, StudyInfo
+from batchlab.sweep.store import Damage, RunRecord, Store, StoreError, StudyInfo
 
 StudyOpt = Annotated[str | None, typer.Option("--study", help="Only the runs of this study.")]
 _GRID_KEYS = ("task", "batch_size", "lr", "seed", "optimizer", "budget_unit", "budget")
@@ -98,11 +99,25 @@ def _runs_table(records: list[RunRecord], study: str | None) -> Table:
     return _table(", ".join(title), records, columns)
 
 
+def warn_damaged(damage: Damage) -> None:
+    """One ``warning:`` line on stderr for a stored row that cannot be read (the rest go on)."""
+    typer.echo(f"warning: {damage}; skipped", err=True)
+
+
+def open_store(db: Path) -> Store:
+    """The store at ``db`` read-only, damaged rows warned about; a StoreError is one line, exit 2."""
+    try:
+        return Store(db, readonly=True, on_damage=warn_damaged)
+    except StoreError as exc:
+        fail_on(exc)
+
+
 @contextmanager
 def _reading(db: Path, study: str | None) -> Iterator[Store]:
     """The store at ``db`` opened read-only, ``study`` checked; a StoreError is the one-line error."""
+    store = open_store(db)
     try:
-        with Store(db, readonly=True) as store:
+        with store:
             names = [s.name for s in store.studies()]
             if study is not None and study not in names:
                 known = ", ".join(names) or "none"

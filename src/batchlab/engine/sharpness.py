@@ -32,7 +32,7 @@ from torch.func import functional_call, grad, grad_and_value, jvp
 
 from batchlab.engine.data import resolve_device
 from batchlab.engine.spec import RunSpec, SpecError
-from batchlab.engine.tasks import Task, get_task
+from batchlab.engine.tasks import Task, stored_task
 from batchlab.engine.train import build_model
 
 log = logging.getLogger(__name__)
@@ -304,15 +304,13 @@ def run_sharpness(
     """``sharpness_report`` of a finished run on its training set, with ``lr = spec.lr``.
 
     The model is ``engine.train.build_model`` (``task.make_model(spec.seed)`` with the state_dict
-    loaded, e.g. from ``Store.weights``); ``task`` defaults to ``get_task(spec.task,
-    **spec.task_options)``; ``options`` go to ``sharpness_report`` (``iters``, ``keskar``, ...).
+    checked and loaded, e.g. from ``Store.weights``); ``task`` defaults to ``stored_task(spec)``,
+    which builds built-in tasks only (pass ``task`` for a user's ``module:function``: a spec is
+    data, code is named by the caller); ``options`` go to ``sharpness_report`` (``iters``, ...).
     """
-    task = task if task is not None else get_task(spec.task, **dict(spec.task_options))
+    task = task if task is not None else stored_task(spec, spec.run_id)
     dev = resolve_device(device)
-    try:
-        model = build_model(task, spec, dict(weights)).to(dev)
-    except RuntimeError as exc:
-        raise SpecError("weights", f"do not fit task {task.name!r}: {exc}") from exc
+    model = build_model(task, spec, dict(weights)).to(dev)
     return sharpness_report(
         model,
         task.loss_fn,

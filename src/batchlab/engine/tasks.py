@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from batchlab.engine.ghost_bn import GhostBatchNorm
-from batchlab.engine.spec import SpecError
+from batchlab.engine.spec import RunSpec, SpecError
 
 NORMS = ("none", "batch", "ghost")
 log = logging.getLogger(__name__)
@@ -753,6 +753,28 @@ def get_task(name: str, **options: Any) -> Task:
         "task",
         f"unknown task {name!r}; built-in: {', '.join(_BUILTINS)}; or your own as 'module:function'",
     )
+
+
+def stored_task(
+    spec: RunSpec, run_id: str, *, named: str | None = None, trust_code: bool = False
+) -> Task:
+    """The task of a spec read from a store, refusing user code that only the store names.
+
+    A store someone sends is data, never code: a built-in task is built, a ``module:function`` is
+    imported only when the user named the same one (``named``, e.g. ``--task``) or opted in to
+    stored task code (``trust_code``). Otherwise ``SpecError("task", ...)`` says which module it
+    would import and how to allow it, before anything is imported.
+    """
+    name = spec.task
+    if named is not None and named != name:
+        raise SpecError("task", f"run {run_id} was trained on task {name!r}, not {named!r}")
+    if isinstance(name, str) and ":" in name and not trust_code and named != name:
+        raise SpecError(
+            "task",
+            f"run {run_id} uses user code {name!r} (would import module "
+            f"{name.partition(':')[0]!r}); pass --task {name} to run it",
+        )
+    return get_task(name, **dict(spec.task_options))
 
 
 def task_info(name: str, **options: Any) -> TaskInfo:

@@ -773,5 +773,32 @@ def build_model(task: Task, spec: RunSpec, weights: dict[str, Tensor] | None = N
     """``task.make_model(spec.seed)``, with ``weights`` loaded when given (e.g. from the store)."""
     model = task.make_model(spec.seed)
     if weights is not None:
+        check_weights(model, weights, spec.run_id)
         model.load_state_dict(weights)
     return model
+
+
+def check_weights(model: nn.Module, weights: dict[str, Tensor], run_id: str) -> None:
+    """Weights (e.g. read from a store) must match ``model``'s state dict: names, shapes, dtypes.
+
+    Raises ``SpecError("weights", "run <id>: ...")`` naming the first mismatch, so a damaged or
+    foreign blob is one clear error instead of a silent cast or a torch traceback.
+    """
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise SpecError(
+            "weights",
+            f"run {run_id}: tensor names do not fit the model (missing: "
+            f"{', '.join(missing[:3]) or 'none'}; unexpected: {', '.join(unexpected[:3]) or 'none'})",
+        )
+    for name, ref in expected.items():
+        got = weights[name]
+        if not isinstance(got, Tensor) or got.shape != ref.shape or got.dtype != ref.dtype:
+            what = (
+                f"{got.dtype} {tuple(got.shape)}" if isinstance(got, Tensor) else type(got).__name__
+            )
+            raise SpecError(
+                "weights",
+                f"run {run_id}: {name} is {what}, the model needs {ref.dtype} {tuple(ref.shape)}",
+            )

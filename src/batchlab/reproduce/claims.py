@@ -421,6 +421,7 @@ def judge_claim3(setup: Setup, results: Results) -> Judgement:
 def judge_claim4(setup: Setup, results: Results) -> Judgement:
     """Gap and top Hessian eigenvalue of the smallest vs the largest batch, same lr and epochs."""
     from batchlab.engine.sharpness import run_sharpness
+    from batchlab.engine.tasks import stored_task
 
     data = results.data(GRID)
     lr = results.base_lr()
@@ -435,7 +436,8 @@ def judge_claim4(setup: Setup, results: Results) -> Judgement:
                 weights = results.store.weights(run.id)
                 if weights is None:
                     raise ValueError(f"run {run.id} has no stored weights: use a new --db")
-                top = run_sharpness(run.spec, weights, keskar=False)["top_eigenvalue"]
+                task = stored_task(run.spec, run.id, named=setup.task)  # never the store's code
+                top = run_sharpness(run.spec, weights, task=task, keskar=False)["top_eigenvalue"]
             sharp[b].append(top)
     outcome = v.large_batch_sharper(gap[small], gap[large], sharp[small], sharp[large])
     outcome.evidence.update(

@@ -7,6 +7,10 @@ whole run or nothing (SQLite's atomic commit; WAL mode so readers never block th
 floats survive the trip: typed history columns keep a NaN bit mask (SQLite stores NaN as NULL), and
 JSON columns hold ``{"$float": "nan"}`` (strict JSON has no NaN), so ``json_extract`` still works.
 
+A store someone sends is data: reading one decodes JSON and safetensors only (no pickle, no
+imports). A row batchlab cannot decode is reported as a ``Damage`` (``on_damage``, by default a
+logged warning) and skipped by ``runs``; ``get`` of that run raises ``StoreError``.
+
 A ``Store`` is one connection: use it from one thread; open one per thread or process.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import logging
@@ -28,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import batchlab
-from batchlab.engine.spec import RunResult, RunSpec
+from batchlab.engine.spec import RunResult, RunSpec, SpecError
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -159,6 +164,32 @@ class StoreError(Exception):
         self.message = message
 
 
+@dataclass(frozen=True)
+class Damage:
+    """A stored row batchlab cannot decode: ``where`` (``run <id>`` or ``study <name>``), the
+    ``field`` (``spec``, ``final``, ``history``, ...) and what is wrong with it."""
+
+    where: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.field}: {self.message}"
+
+
+class _Damaged(Exception):
+    """Raised while decoding one row; the caller turns it into a ``Damage`` or a ``StoreError``."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+        self.message = message
+
+
+# Read as UTF-8 with bad bytes replaced: a damaged text cell must not abort a whole query.
+_text = functools.partial(str, encoding="utf-8", errors="replace")
+
+
 def _from_spec(name: str) -> Any:
     """A read-only property forwarding to ``self.spec.<name>``."""
     return property(lambda self: getattr(self.spec, name), doc=f"``spec.{name}``.")
@@ -255,6 +286,85 @@ def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text, object_hook=_decode_float)
 
 
+def _json_cell(value: Any, field_name: str) -> Any:
+    """A JSON column decoded (``_loads``), or ``_Damaged`` naming the column."""
+    try:
+        return _loads(value)
+    except (ValueError, TypeError) as exc:
+        raise _Damaged(field_name, f"not valid JSON ({_short(exc)})") from exc
+
+
+def _short(value: Any) -> str:
+    """A value or error as at most 80 characters of text (a damaged cell may be huge)."""
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# Kinds of the runs columns a RunRecord takes as they are (others are text); None allowed where
+# ``_OPTIONAL``. SQLite hands back int, float, str, bytes or None.
+_COLUMN_KINDS: dict[str, tuple[type, ...]] = {
+    "steps": (int,),
+    "samples": (int,),
+    "epochs": (int, float),
+    "wall_s": (int, float),
+    "diverged_at": (int,),
+}
+_OPTIONAL = ("diverged_at", "error")
+
+
+def _checked_column(name: str, value: Any) -> Any:
+    """A runs column value of the right kind, or ``_Damaged``."""
+    if value is None and name in _OPTIONAL:
+        return value
+    kinds = _COLUMN_KINDS.get(name, (str,))
+    if not isinstance(value, kinds):
+        raise _Damaged(name, f"must be {kinds[-1].__name__}, got {_short(repr(value))}")
+    if name == "status" and value not in STATUSES:
+        raise _Damaged(name, f"must be one of {', '.join(STATUSES)}, got {_short(repr(value))}")
+    return value
+
+
+def _decoded_spec(value: Any) -> RunSpec:
+    """The spec column as a validated ``RunSpec`` (its data only: nothing is imported)."""
+    data = _json_cell(value, "spec")
+    if not isinstance(data, dict):
+        raise _Damaged("spec", f"must be a JSON object, got {type(data).__name__}")
+    try:
+        spec = RunSpec.from_dict(data)
+    except (SpecError, TypeError, ValueError) as exc:
+        raise _Damaged("spec", f"not a valid run spec ({_short(exc)})") from exc
+    if not isinstance(spec.task, str) or not spec.task:
+        raise _Damaged("spec", f"task must be a name, got {_short(repr(spec.task))}")
+    if not isinstance(spec.seed, int) or isinstance(spec.seed, bool):
+        raise _Damaged("spec", f"seed must be an integer, got {_short(repr(spec.seed))}")
+    return spec
+
+
+def _decoded_final(value: Any) -> dict[str, Any]:
+    """The final column: an object of numbers (None where a metric is missing)."""
+    final = _json_cell(value, "final")
+    if not isinstance(final, dict) or not all(
+        v is None or (isinstance(v, int | float) and not isinstance(v, bool))
+        for v in final.values()
+    ):
+        raise _Damaged("final", f"must be an object of numbers, got {_short(final)}")
+    return final
+
+
+def _decoded_record(row: sqlite3.Row, studies: tuple[str, ...]) -> RunRecord:
+    """One runs row as a ``RunRecord``, every field checked; ``_Damaged`` names the bad one."""
+    extra = _json_cell(row["extra"], "extra")
+    if not isinstance(extra, dict):
+        raise _Damaged("extra", f"must be a JSON object, got {_short(extra)}")
+    return RunRecord(
+        **{name: _checked_column(name, row[name]) for name in _RECORD_COLUMNS},
+        spec=_decoded_spec(row["spec"]),
+        final=_decoded_final(row["final"]),
+        extra=extra,
+        studies=studies,
+    )
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -287,13 +397,39 @@ def _history_row(run_id: str, seq: int, row: dict[str, Any]) -> tuple[Any, ...]:
     return (run_id, seq, *values, mask, _dumps(extra, "history") if extra else None)
 
 
+# Python types a history cell may have, per typed column (floats may come back as ints).
+_HISTORY_KINDS = tuple(
+    (name, (int,) if kind is int else (int, float)) for name, kind in _HISTORY_COLUMNS
+)
+
+
+def _bad_history(row: sqlite3.Row, what: str) -> _Damaged:
+    return _Damaged("history", f"row {_short(row['seq'])}: {what}")
+
+
 def _history_dict(row: sqlite3.Row) -> dict[str, Any]:
-    """Inverse of ``_history_row`` for one fetched row."""
+    """Inverse of ``_history_row`` for one fetched row; ``_Damaged("history", ...)`` when a cell
+    has the wrong kind or the extra JSON is unreadable."""
     mask = row["nan_mask"]
-    out = {
-        name: math.nan if mask >> bit & 1 else row[name] for bit, name in enumerate(_HISTORY_NAMES)
-    }
-    out.update(_loads(row["extra"]) or {})
+    if not isinstance(mask, int):
+        raise _bad_history(row, f"nan_mask must be an integer, got {_short(repr(mask))}")
+    out = {}
+    for bit, (name, kinds) in enumerate(_HISTORY_KINDS):
+        value = row[name]
+        if mask >> bit & 1:
+            value = math.nan
+        elif value is not None and not isinstance(value, kinds):
+            kind = kinds[-1].__name__
+            raise _bad_history(row, f"{name} must be {kind}, got {_short(repr(value))}")
+        out[name] = value
+    if row["extra"] is not None:
+        try:
+            extra = _json_cell(row["extra"], "history")
+        except _Damaged as exc:
+            raise _bad_history(row, f"extra {exc.message}") from exc
+        if not isinstance(extra, dict):
+            raise _bad_history(row, f"extra must be a JSON object, got {_short(extra)}")
+        out.update(extra)
     return out
 
 
@@ -401,14 +537,23 @@ def _parquet_writer() -> Callable[[Path, list[dict[str, Any]], list[str]], None]
 class Store:
     """A batchlab SQLite file of runs and studies (see the module docstring for the guarantees)."""
 
-    def __init__(self, path: str | os.PathLike[str] = "batchlab.sqlite", *, readonly: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = "batchlab.sqlite",
+        *,
+        readonly: bool = False,
+        on_damage: Callable[[Damage], None] | None = None,
+    ):
         """Open ``path``, creating file and schema unless ``readonly`` (then a missing file is an error).
 
         Raises ``StoreError("db", ...)`` for a file that is not a batchlab SQLite store or whose
-        schema version this batchlab cannot read.
+        schema version this batchlab cannot read. ``on_damage`` is told once about each row that
+        cannot be decoded (default: a logged warning).
         """
         self.path = Path(path)
         self.readonly = readonly
+        self._on_damage = on_damage or (lambda d: log.warning("%s; skipped", d))
+        self._reported: set[tuple[str, str]] = set()
         if readonly and not self.path.is_file():
             raise StoreError("db", f"no such file '{self.path}'")
         try:
@@ -419,6 +564,7 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError("db", f"cannot open '{self.path}': {exc}") from exc
         conn.row_factory = sqlite3.Row
+        conn.text_factory = _text
         self._conn = conn
         try:
             conn.execute("PRAGMA foreign_keys = ON")
@@ -462,7 +608,13 @@ class Store:
                 "db",
                 f"'{self.path}' is an SQLite database but not a batchlab store (no batchlab meta)",
             )
-        version = int(meta.get("schema_version", "0"))
+        try:
+            version = int(meta.get("schema_version", "0"))
+        except ValueError:
+            raise StoreError(
+                "db",
+                f"'{self.path}' has an unreadable schema version {_short(meta['schema_version'])!r}",
+            ) from None
         if version > SCHEMA_VERSION:
             raise StoreError(
                 "db",
@@ -602,11 +754,28 @@ class Store:
             )
         return found
 
+    def _damage(self, where: str, exc: _Damaged) -> None:
+        """Report one undecodable row, once per store."""
+        if (where, exc.field) not in self._reported:
+            self._reported.add((where, exc.field))
+            self._on_damage(Damage(where, exc.field, exc.message))
+
+    def _config(self, name: str, text: Any) -> dict[str, Any] | None:
+        """A study's config decoded; a damaged one is reported and read as None."""
+        try:
+            config = _json_cell(text, "config")
+            if not isinstance(config, dict | None):
+                raise _Damaged("config", f"must be a JSON object, got {_short(config)}")
+        except _Damaged as exc:
+            self._damage(f"study {name}", exc)
+            return None
+        return config
+
     def study_config(self, name: str) -> dict[str, Any] | None:
-        """The config saved with ``set_study``, or None (unknown study or none saved)."""
+        """The config saved with ``set_study``, or None (unknown study, none saved, or damaged)."""
         with self._transaction(write=False) as conn:
             row = conn.execute("SELECT config FROM studies WHERE name = ?", (name,)).fetchone()
-        return None if row is None else _loads(row["config"])
+        return None if row is None else self._config(name, row["config"])
 
     def finished_ids(self, study: str | None = None) -> set[str]:
         """Ids of runs stored as ok or diverged (in ``study`` when given): what a resume skips."""
@@ -615,21 +784,26 @@ class Store:
             return {r[0] for r in conn.execute(f"SELECT id FROM runs{where}", params)}
 
     def get(self, run_id: str) -> RunRecord | None:
-        """The stored run with this id, or None."""
+        """The stored run with this id, or None; a damaged row is a ``StoreError`` naming the field."""
         with self._transaction(write=False) as conn:
-            records = self._records(conn, " WHERE id = ?", [run_id])
+            records = self._records(conn, " WHERE id = ?", [run_id], strict=True)
         return records[0] if records else None
 
     def runs(self, study: str | None = None, *, status: str | None = None) -> list[RunRecord]:
-        """Stored runs (of ``study``, with ``status``), ordered by task, batch size, lr, seed, id."""
+        """Stored runs (of ``study``, with ``status``), ordered by task, batch size, lr, seed, id.
+
+        A row that cannot be decoded is reported (``on_damage``) and left out.
+        """
         if status is not None:
             _check_status(status)
         where, params = _where(study, None if status is None else (status,))
         with self._transaction(write=False) as conn:
             return self._records(conn, where, params)
 
-    @staticmethod
-    def _records(conn: sqlite3.Connection, where: str, params: list[str]) -> list[RunRecord]:
+    def _records(
+        self, conn: sqlite3.Connection, where: str, params: list[str], *, strict: bool = False
+    ) -> list[RunRecord]:
+        """Decoded runs rows; a damaged one is skipped and reported, or raised when ``strict``."""
         links: dict[str, list[str]] = {}
         for run_id, name in conn.execute(
             f"SELECT run_id, study FROM study_runs WHERE run_id IN (SELECT id FROM runs{where}) "
@@ -640,25 +814,31 @@ class Store:
         rows = conn.execute(
             f"SELECT * FROM runs{where} ORDER BY task, batch_size, lr, seed, id", params
         ).fetchall()
-        return [
-            RunRecord(
-                **{name: r[name] for name in _RECORD_COLUMNS},
-                spec=RunSpec.from_dict(_loads(r["spec"])),
-                final=_loads(r["final"]),
-                extra=_loads(r["extra"]),
-                studies=tuple(links.get(r["id"], ())),
-            )
-            for r in rows
-        ]
+        records = []
+        for r in rows:
+            try:
+                records.append(_decoded_record(r, tuple(links.get(r["id"], ()))))
+            except _Damaged as exc:
+                if strict:
+                    raise StoreError(exc.field, f"run {r['id']}: {exc.message}") from None
+                self._damage(f"run {r['id']}", exc)
+        return records
 
     def history(self, run_id: str) -> list[dict[str, Any]]:
-        """History rows of one run ordered by step ([] for an unknown id)."""
-        return self.histories([run_id])[run_id]
+        """History rows of one run ordered by step ([] for an unknown id; damaged: ``StoreError``)."""
+        return self._histories([run_id], strict=True)[run_id]
 
     def histories(self, run_ids: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
-        """History rows of many runs, one query per 900 ids; every requested id gets a list."""
+        """History rows of many runs, one query per 900 ids; every requested id gets a list but a
+        run with a damaged row, which is reported (``on_damage``) and left out."""
+        return self._histories(run_ids, strict=False)
+
+    def _histories(
+        self, run_ids: Iterable[str], *, strict: bool
+    ) -> dict[str, list[dict[str, Any]]]:
         ids = list(dict.fromkeys(run_ids))
         out: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
+        damaged: dict[str, _Damaged] = {}
         with self._transaction(write=False) as conn:
             for chunk in _chunks(ids):
                 for row in conn.execute(
@@ -666,8 +846,27 @@ class Store:
                     "ORDER BY run_id, step, seq",
                     chunk,
                 ):
-                    out[row["run_id"]].append(_history_dict(row))
+                    run_id = row["run_id"]
+                    if run_id in damaged:
+                        continue
+                    try:
+                        out[run_id].append(_history_dict(row))
+                    except _Damaged as exc:
+                        damaged[run_id] = exc
+        for run_id, exc in damaged.items():
+            if strict:
+                raise StoreError(exc.field, f"run {run_id}: {exc.message}")
+            self._damage(f"run {run_id}", exc)
+            del out[run_id]
         return out
+
+    def runs_with_histories(
+        self, study: str | None = None
+    ) -> tuple[list[RunRecord], dict[str, list[dict[str, Any]]]]:
+        """``runs(study)`` and their ``histories``, without any run whose row or history is damaged."""
+        records = self.runs(study)
+        histories = self.histories(r.id for r in records)
+        return [r for r in records if r.id in histories], histories
 
     def studies(self) -> list[StudyInfo]:
         """Every study with its run counts by status, oldest first."""
@@ -682,17 +881,36 @@ class Store:
                    LEFT JOIN runs r ON r.id = l.run_id
                    GROUP BY s.name ORDER BY s.created_at, s.name"""
             ).fetchall()
-        return [StudyInfo(**{**dict(r), "config": _loads(r["config"])}) for r in rows]
+        return [
+            StudyInfo(**{**dict(r), "config": self._config(r["name"], r["config"])}) for r in rows
+        ]
 
     def weights(self, run_id: str) -> dict[str, Tensor] | None:
-        """Final weights stored with the run (CPU tensors), or None."""
+        """Final weights stored with the run (CPU tensors), or None.
+
+        Safetensors only (never pickle); a blob that does not decode is ``StoreError("weights")``.
+        Check them against the model before use (``engine.train.check_weights``).
+        """
         with self._transaction(write=False) as conn:
-            row = conn.execute("SELECT data FROM weights WHERE run_id = ?", (run_id,)).fetchone()
+            row = conn.execute(
+                "SELECT format, data FROM weights WHERE run_id = ?", (run_id,)
+            ).fetchone()
         if row is None:
             return None
+        if row["format"] != "safetensors" or not isinstance(row["data"], bytes):
+            raise StoreError(
+                "weights",
+                f"run {run_id}: stored as {_short(row['format'])!r}, not safetensors bytes",
+            )
+        from safetensors import SafetensorError
         from safetensors.torch import load
 
-        return load(bytes(row["data"]))
+        try:
+            return load(row["data"])
+        except SafetensorError as exc:
+            raise StoreError(
+                "weights", f"run {run_id}: not readable safetensors data ({_short(exc)})"
+            ) from None
 
     def integrity_check(self) -> str:
         """``"ok"``, or SQLite's integrity and foreign-key problems one per line."""
@@ -718,8 +936,7 @@ class Store:
         if fmt not in EXPORT_FORMATS:
             raise StoreError("format", f"must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
         write = _write_csv if fmt == "csv" else _parquet_writer()
-        records = self.runs(study)
-        histories = self.histories(r.id for r in records)
+        records, histories = self.runs_with_histories(study)
         run_rows = [_export_run(r) for r in records]
         history_rows = [
             {"run_id": r.id, **{k: _cell(v) for k, v in row.items()}}
