@@ -1,0 +1,264 @@
+"""Time-to-target planning: which batch size reaches a target soonest, or cheapest, on given hardware.
+
+Two measured curves meet here. Statistically, the steps and examples to a target trade off as
+``S = S_min (1 + B_crit/B)`` and ``E = E_min (1 + B/B_crit)`` (McCandlish et al. 2018, "An
+Empirical Model of Large-Batch Training", arXiv:1812.06162; fitted by ``batchlab.core.fit``).
+On the hardware, the time of one optimizer step is close to affine in the per-device batch,
+``t(b) = overhead + per_example * b`` (``fit_step_time``), until the batch no longer fits in memory
+and the step is split into micro-batches (gradient accumulation). Wall time to target is
+``S(B) * t(B / devices)``, device-hours ``devices`` times that; their product with the interval of
+B_crit gives the interval of each. Pollux (Qiao et al. 2021, "Pollux: Co-adaptive Cluster
+Scheduling for Goodput-Optimized Deep Learning", OSDI) calls throughput x statistical efficiency
+the goodput; ``fastest`` is its maximum.
+
+Pure numpy; bad input raises ``ValueError("field: what is allowed, got ...")``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from batchlab.core.rules import check_number
+
+# A step-time fit whose worst relative residual exceeds this is flagged (not refused): the affine
+# model then misstates the time at some measured batch size by more than a quarter.
+MAX_FIT_RESIDUAL = 0.25
+
+
+@dataclass(frozen=True)
+class StepTimeFit:
+    """``t(b) = overhead_s + per_example_s * b`` seconds per optimizer step at per-device batch b.
+
+    Fitted to measured (batch, seconds) pairs by least squares on the relative error, both
+    coefficients kept >= 0. ``max_batch`` is the largest per-device batch that fits in memory;
+    beyond it a step runs ``ceil(b / max_batch)`` equal micro-batches (gradient accumulation).
+    ``max_residual`` is the worst |measured / fitted - 1|; ``ok`` says it is within
+    ``MAX_FIT_RESIDUAL``.
+    """
+
+    overhead_s: float
+    per_example_s: float
+    batch_sizes: tuple[float, ...]
+    seconds: tuple[float, ...]
+    max_residual: float
+    max_batch: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the affine model matches every measurement within ``MAX_FIT_RESIDUAL``."""
+        return self.max_residual <= MAX_FIT_RESIDUAL
+
+    def accumulation(self, batch_size: float) -> int:
+        """Micro-batches per step at per-device ``batch_size`` (1 when it fits in memory)."""
+        if self.max_batch is None:
+            return 1
+        return max(1, math.ceil(batch_size / self.max_batch))
+
+    def time_per_step(self, batch_size: float) -> float:
+        """Seconds per optimizer step at per-device ``batch_size``, accumulating beyond ``max_batch``.
+
+        >>> fit = StepTimeFit(0.01, 0.001, (1.0, 2.0), (0.011, 0.012), 0.0, max_batch=100)
+        >>> round(fit.time_per_step(50), 6), round(fit.time_per_step(300), 6)
+        (0.06, 0.33)
+        """
+        b = check_number("batch_size", batch_size, low=0.0, low_open=True)
+        n = self.accumulation(b)
+        return n * (self.overhead_s + self.per_example_s * b / n)
+
+
+def fit_step_time(
+    batch_sizes: Sequence[float], seconds: Sequence[float], *, max_batch: int | None = None
+) -> StepTimeFit:
+    """Fit the affine step time to measured medians (relative least squares, coefficients >= 0).
+
+    >>> fit = fit_step_time([8, 32, 128], [0.0108, 0.0132, 0.0228])
+    >>> round(fit.overhead_s, 6), round(fit.per_example_s, 7), fit.ok
+    (0.01, 0.0001, True)
+    """
+    b = np.asarray(batch_sizes, dtype=float)
+    t = np.asarray(seconds, dtype=float)
+    if b.shape != t.shape or b.ndim != 1 or b.size == 0:
+        raise ValueError(f"batch_sizes: must be 1-D, non-empty and match seconds, got {b.shape}")
+    for name, arr in (("batch_sizes", b), ("seconds", t)):
+        if not np.all(np.isfinite(arr) & (arr > 0)):
+            raise ValueError(f"{name}: every value must be finite and > 0, got {arr.tolist()}")
+    if max_batch is not None:
+        max_batch = int(check_number("max_batch", max_batch, low=1, integer=True))
+    # Rows divided by t: minimises sum((fit/t - 1)^2), so fast and slow steps count alike.
+    design = np.stack([np.ones_like(b), b], axis=1) / t[:, None]
+    coef = (0.0, float(np.mean(t / b)))
+    if np.unique(b).size > 1:
+        solved, *_ = np.linalg.lstsq(design, np.ones_like(t), rcond=None)
+        coef = (float(solved[0]), float(solved[1]))
+    if coef[0] < 0 or coef[1] < 0:  # keep the better of the two one-coefficient models
+        through_origin = (0.0, float(np.sum(b / t) / np.sum((b / t) ** 2)))
+        constant = (float(np.sum(1 / t) / np.sum(1 / t**2)), 0.0)
+        coef = min(through_origin, constant, key=lambda c: _rel_sse(c, b, t))
+    fitted = coef[0] + coef[1] * b
+    return StepTimeFit(
+        overhead_s=coef[0],
+        per_example_s=coef[1],
+        batch_sizes=tuple(b.tolist()),
+        seconds=tuple(t.tolist()),
+        max_residual=float(np.max(np.abs(t / fitted - 1.0))),
+        max_batch=max_batch,
+    )
+
+
+def _rel_sse(coef: tuple[float, float], b: np.ndarray, t: np.ndarray) -> float:
+    return float(np.sum(((coef[0] + coef[1] * b) / t - 1.0) ** 2))
+
+
+@dataclass(frozen=True)
+class Target:
+    """Steps to the target at a reference batch, or ``S_min`` itself (``reference_batch`` None).
+
+    With a reference batch B_ref measured to take S_ref steps, S(B) = S_ref (1 + B_crit/B) /
+    (1 + B_crit/B_ref): the prediction is exact at B_ref whatever B_crit is, so its interval
+    pinches there. With S_min given, S(B) = S_min (1 + B_crit/B).
+    """
+
+    steps: float
+    reference_batch: float | None = None
+
+    def __post_init__(self) -> None:
+        check_number("target_steps", self.steps, low=0.0, low_open=True)
+        if self.reference_batch is not None:
+            check_number("reference_batch", self.reference_batch, low=0.0, low_open=True)
+
+    @classmethod
+    def from_samples(cls, samples: float, reference_batch: float) -> Target:
+        """The target as E_ref examples at a reference batch (S_ref = E_ref / B_ref)."""
+        b = check_number("reference_batch", reference_batch, low=0.0, low_open=True)
+        return cls(check_number("target_samples", samples, low=0.0, low_open=True) / b, b)
+
+    def s_min(self, critical_batch: float) -> float:
+        """S_min implied for a given B_crit."""
+        if self.reference_batch is None:
+            return self.steps
+        return self.steps / (1.0 + critical_batch / self.reference_batch)
+
+    def steps_at(self, batch_size: float, critical_batch: float) -> float:
+        """Predicted steps to the target at ``batch_size``.
+
+        >>> Target(2000.0, reference_batch=100.0).steps_at(400.0, 100.0)
+        1250.0
+        """
+        return self.s_min(critical_batch) * (1.0 + critical_batch / batch_size)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Steps, samples, wall time and device-hours to the target at one global batch size.
+
+    Each ``*_interval`` spans the quantity over the B_crit interval (equal ends without one).
+    ``per_device_batch`` is B / devices; ``accumulation`` its micro-batches per step.
+    """
+
+    batch_size: int
+    steps: float
+    steps_interval: tuple[float, float]
+    samples: float
+    samples_interval: tuple[float, float]
+    step_time_s: float
+    wall_s: float
+    wall_interval: tuple[float, float]
+    device_hours: float
+    device_hours_interval: tuple[float, float]
+    per_device_batch: float
+    accumulation: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (intervals as [low, high])."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+
+
+def _span(values: Sequence[float]) -> tuple[float, float]:
+    return float(min(values)), float(max(values))
+
+
+def predict(
+    batch_sizes: Sequence[int],
+    *,
+    target: Target,
+    critical_batch: float,
+    step_time: StepTimeFit,
+    devices: int = 1,
+    critical_interval: tuple[float, float] | None = None,
+) -> list[Prediction]:
+    """Predicted cost to the target at each global batch size on ``devices`` data-parallel devices.
+
+    Communication between devices is not modelled: t(B) = step_time(B / devices).
+
+    >>> fit = StepTimeFit(0.01, 0.0, (1.0,), (0.01,), 0.0)
+    >>> [p.steps for p in predict([100, 400], target=Target(1000.0), critical_batch=100.0,
+    ...                          step_time=fit)]
+    [2000.0, 1250.0]
+    """
+    bc = check_number("critical_batch", critical_batch, low=0.0, low_open=True)
+    d = int(check_number("devices", devices, low=1, integer=True))
+    ends = [bc]
+    if critical_interval is not None:
+        low, high = critical_interval
+        for name, value in (("critical_low", low), ("critical_high", high)):
+            check_number(name, value, low=0.0, low_open=True)
+        if not low <= bc <= high:
+            raise ValueError(
+                f"critical_interval: must contain the critical batch {bc:g}, got [{low:g}, {high:g}]"
+            )
+        ends = [low, bc, high]
+    out = []
+    for size in batch_sizes:
+        b = int(check_number("batch_sizes", size, low=1, integer=True))
+        per_device = b / d
+        t = step_time.time_per_step(per_device)
+        steps = [target.steps_at(b, c) for c in ends]
+        s = target.steps_at(b, bc)
+        out.append(
+            Prediction(
+                batch_size=b,
+                steps=s,
+                steps_interval=_span(steps),
+                samples=s * b,
+                samples_interval=_span([x * b for x in steps]),
+                step_time_s=t,
+                wall_s=s * t,
+                wall_interval=_span([x * t for x in steps]),
+                device_hours=s * t * d / 3600.0,
+                device_hours_interval=_span([x * t * d / 3600.0 for x in steps]),
+                per_device_batch=per_device,
+                accumulation=step_time.accumulation(per_device),
+            )
+        )
+    return out
+
+
+def fastest(predictions: Sequence[Prediction]) -> Prediction:
+    """The prediction with the least wall time to target (ties: the smaller batch)."""
+    if not predictions:
+        raise ValueError("batch_sizes: need at least one candidate batch size")
+    return min(predictions, key=lambda p: (p.wall_s, p.batch_size))
+
+
+def cheapest(predictions: Sequence[Prediction]) -> Prediction:
+    """The prediction with the fewest device-hours to target (ties: the faster, then smaller)."""
+    if not predictions:
+        raise ValueError("batch_sizes: need at least one candidate batch size")
+    return min(predictions, key=lambda p: (p.device_hours, p.wall_s, p.batch_size))
+
+
+def candidate_batches(low: int, high: int) -> list[int]:
+    """Powers of two from ``low`` to ``high`` (both included when not powers of two).
+
+    >>> candidate_batches(24, 200)
+    [24, 32, 64, 128, 200]
+    """
+    lo = int(check_number("min_batch", low, low=1, integer=True))
+    hi = int(check_number("max_batch", high, low=lo, integer=True))
+    sizes = {lo, hi} | {2**k for k in range(lo.bit_length() - 1, hi.bit_length() + 1)}
+    return sorted(s for s in sizes if lo <= s <= hi)
