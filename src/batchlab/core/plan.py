@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from batchlab.core.rules import check_number
+from batchlab.core.rules import ADAM_OPTIMIZERS, Advice, advise, check_number
 
 # A step-time fit whose worst relative residual exceeds this is flagged (not refused): the affine
 # model then misstates the time at some measured batch size by more than a quarter.
@@ -32,13 +32,15 @@ MAX_FIT_RESIDUAL = 0.25
 
 @dataclass(frozen=True)
 class StepTimeFit:
-    """``t(b) = overhead_s + per_example_s * b`` seconds per optimizer step at per-device batch b.
+    """Seconds per optimizer step at per-device batch b, from measured (batch, seconds) pairs.
 
-    Fitted to measured (batch, seconds) pairs by least squares on the relative error, both
-    coefficients kept >= 0. ``max_batch`` is the largest per-device batch that fits in memory;
+    The model is ``t(b) = overhead_s + per_example_s * b``, fitted by least squares on the
+    relative error with both coefficients >= 0; ``max_residual`` is its worst |measured / fitted -
+    1| and ``ok`` says it is within ``MAX_FIT_RESIDUAL``. Predictions interpolate the measurements
+    linearly inside the measured range (exact at each, whatever the fit), keep the smallest
+    measurement below it, and extrapolate above it with the larger of the last segment's slope
+    and ``per_example_s``. ``max_batch`` is the largest per-device batch that fits in memory;
     beyond it a step runs ``ceil(b / max_batch)`` equal micro-batches (gradient accumulation).
-    ``max_residual`` is the worst |measured / fitted - 1|; ``ok`` says it is within
-    ``MAX_FIT_RESIDUAL``.
     """
 
     overhead_s: float
@@ -68,7 +70,19 @@ class StepTimeFit:
         """
         b = check_number("batch_size", batch_size, low=0.0, low_open=True)
         n = self.accumulation(b)
-        return n * (self.overhead_s + self.per_example_s * b / n)
+        return n * self._one(b / n)
+
+    def _one(self, b: float) -> float:
+        """Seconds of one (micro-)batch of ``b`` examples."""
+        sizes, secs = self.batch_sizes, self.seconds
+        if b <= sizes[0]:
+            return secs[0]
+        if b <= sizes[-1]:
+            return float(np.interp(b, sizes, secs))
+        slope = self.per_example_s
+        if len(sizes) > 1:
+            slope = max(slope, (secs[-1] - secs[-2]) / (sizes[-1] - sizes[-2]))
+        return secs[-1] + slope * (b - sizes[-1])
 
 
 def fit_step_time(
@@ -84,6 +98,10 @@ def fit_step_time(
     t = np.asarray(seconds, dtype=float)
     if b.shape != t.shape or b.ndim != 1 or b.size == 0:
         raise ValueError(f"batch_sizes: must be 1-D, non-empty and match seconds, got {b.shape}")
+    if np.unique(b).size != b.size:
+        raise ValueError(f"batch_sizes: must be distinct, got {b.tolist()}")
+    order = np.argsort(b)
+    b, t = b[order], t[order]
     for name, arr in (("batch_sizes", b), ("seconds", t)):
         if not np.all(np.isfinite(arr) & (arr > 0)):
             raise ValueError(f"{name}: every value must be finite and > 0, got {arr.tolist()}")
@@ -92,7 +110,7 @@ def fit_step_time(
     # Rows divided by t: minimises sum((fit/t - 1)^2), so fast and slow steps count alike.
     design = np.stack([np.ones_like(b), b], axis=1) / t[:, None]
     coef = (0.0, float(np.mean(t / b)))
-    if np.unique(b).size > 1:
+    if b.size > 1:
         solved, *_ = np.linalg.lstsq(design, np.ones_like(t), rcond=None)
         coef = (float(solved[0]), float(solved[1]))
     if coef[0] < 0 or coef[1] < 0:  # keep the better of the two one-coefficient models
@@ -138,17 +156,23 @@ class Target:
         return cls(check_number("target_samples", samples, low=0.0, low_open=True) / b, b)
 
     def s_min(self, critical_batch: float) -> float:
-        """S_min implied for a given B_crit."""
+        """S_min implied for a given B_crit (0 for an infinite B_crit at a reference batch)."""
         if self.reference_batch is None:
             return self.steps
         return self.steps / (1.0 + critical_batch / self.reference_batch)
 
     def steps_at(self, batch_size: float, critical_batch: float) -> float:
-        """Predicted steps to the target at ``batch_size``.
+        """Predicted steps to the target at ``batch_size``; an infinite B_crit (an interval with
+        no upper end) is perfect scaling from the reference batch, S_ref B_ref / B.
 
         >>> Target(2000.0, reference_batch=100.0).steps_at(400.0, 100.0)
         1250.0
+        >>> Target(2000.0, reference_batch=100.0).steps_at(400.0, float("inf"))
+        500.0
         """
+        if math.isinf(critical_batch):
+            ref = self.reference_batch
+            return math.inf if ref is None else self.steps * ref / batch_size
         return self.s_min(critical_batch) * (1.0 + critical_batch / batch_size)
 
 
@@ -193,7 +217,8 @@ def predict(
 ) -> list[Prediction]:
     """Predicted cost to the target at each global batch size on ``devices`` data-parallel devices.
 
-    Communication between devices is not modelled: t(B) = step_time(B / devices).
+    Communication between devices is not modelled: t(B) = step_time(B / devices). The interval's
+    upper end may be ``inf`` (a noise scale whose |G|^2 is not resolved from zero).
 
     >>> fit = StepTimeFit(0.01, 0.0, (1.0,), (0.01,), 0.0)
     >>> [p.steps for p in predict([100, 400], target=Target(1000.0), critical_batch=100.0,
@@ -205,8 +230,9 @@ def predict(
     ends = [bc]
     if critical_interval is not None:
         low, high = critical_interval
-        for name, value in (("critical_low", low), ("critical_high", high)):
-            check_number(name, value, low=0.0, low_open=True)
+        check_number("critical_low", low, low=0.0, low_open=True)
+        if not math.isinf(high):
+            check_number("critical_high", high, low=0.0, low_open=True)
         if not low <= bc <= high:
             raise ValueError(
                 f"critical_interval: must contain the critical batch {bc:g}, got [{low:g}, {high:g}]"
@@ -262,3 +288,134 @@ def candidate_batches(low: int, high: int) -> list[int]:
     hi = int(check_number("max_batch", high, low=lo, integer=True))
     sizes = {lo, hi} | {2**k for k in range(lo.bit_length() - 1, hi.bit_length() + 1)}
     return sorted(s for s in sizes if lo <= s <= hi)
+
+
+THROUGHPUT_FORMAT = "batchlab-throughput/1"
+
+
+@dataclass(frozen=True)
+class ThroughputTable:
+    """Measured seconds per optimizer step against batch size on one device (median of repeats).
+
+    ``spread`` is the interquartile range of the timed steps per batch size; ``max_batch`` the
+    largest batch that fits in memory, as found by ``max_batch_source``; ``peak_memory`` the peak
+    bytes per batch size where the device reports it (CUDA), else None. Plain data, so it is
+    written to and read from JSON without torch (``to_dict`` / ``from_dict``).
+    """
+
+    device: str
+    task: str
+    optimizer: str
+    batch_sizes: tuple[int, ...]
+    seconds: tuple[float, ...]
+    spread: tuple[float, ...]
+    repeats: int
+    warmup_steps: int
+    max_batch: int
+    max_batch_source: str
+    peak_memory: tuple[float | None, ...] = ()
+
+    def step_time(self) -> StepTimeFit:
+        """The affine ``time_per_step`` fitted to this table, accumulating beyond ``max_batch``."""
+        return fit_step_time(self.batch_sizes, self.seconds, max_batch=self.max_batch)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict, tagged with ``THROUGHPUT_FORMAT``."""
+        out: dict[str, Any] = {"format": THROUGHPUT_FORMAT}
+        out.update((k, list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items())
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ThroughputTable:
+        """Read a dict written by ``to_dict`` (a file someone sent: checked field by field)."""
+        if not isinstance(data, dict) or data.get("format") != THROUGHPUT_FORMAT:
+            raise ValueError(f"throughput: not a {THROUGHPUT_FORMAT} object")
+        fields = {
+            "device": str,
+            "task": str,
+            "optimizer": str,
+            "repeats": int,
+            "warmup_steps": int,
+            "max_batch": int,
+            "max_batch_source": str,
+        }
+        kw: dict[str, Any] = {}
+        for name, kind in fields.items():
+            value = data.get(name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ValueError(f"throughput: {name} must be a {kind.__name__}, got {value!r}")
+            kw[name] = value
+        sizes = data.get("batch_sizes")
+        if not isinstance(sizes, list) or not sizes:
+            raise ValueError(f"throughput: batch_sizes must be a non-empty list, got {sizes!r}")
+        kw["batch_sizes"] = tuple(
+            int(check_number("throughput: batch_sizes", b, low=1, integer=True)) for b in sizes
+        )
+        for name in ("seconds", "spread"):
+            values = data.get(name)
+            if not isinstance(values, list) or len(values) != len(sizes):
+                raise ValueError(f"throughput: {name} must be a list as long as batch_sizes")
+            kw[name] = tuple(check_number(f"throughput: {name}", v, low=0.0) for v in values)
+        memory = data.get("peak_memory", [])
+        if not isinstance(memory, list) or (memory and len(memory) != len(sizes)):
+            raise ValueError("throughput: peak_memory must be empty or as long as batch_sizes")
+        kw["peak_memory"] = tuple(
+            None if v is None else check_number("throughput: peak_memory", v, low=0.0)
+            for v in memory
+        )
+        table = cls(**kw)
+        table.step_time()  # refuse a table that cannot be fitted (zero times) now
+        return table
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The batch size for one goal (``fastest`` or ``cheapest``) and how to train at it.
+
+    ``advice`` is ``core.rules.advise`` from the base (batch, lr) by the matching rule: ``critical``
+    for SGD, ``surge`` for Adam, with B_noise = B_crit, Goyal's warmup and (Adam) beta2 at the same
+    half-life; None when no base lr was given.
+    """
+
+    goal: str
+    prediction: Prediction
+    advice: Advice | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: the prediction, then the lr advice when there is one."""
+        out: dict[str, Any] = {"goal": self.goal, **self.prediction.to_dict()}
+        if self.advice is not None:
+            out["advice"] = self.advice.to_dict()
+        return out
+
+
+def recommend(
+    predictions: Sequence[Prediction],
+    *,
+    critical_batch: float,
+    base_batch: int | None = None,
+    base_lr: float | None = None,
+    optimizer: str = "sgd",
+    n_train: int | None = None,
+    **adam: float,
+) -> tuple[Recommendation, Recommendation]:
+    """The fastest and the cheapest batch size, each with its lr by the matching rule.
+
+    ``adam`` may hold ``beta1``, ``beta2``, ``eps`` at the base batch.
+    """
+    picks = []
+    for goal, chosen in (("fastest", fastest(predictions)), ("cheapest", cheapest(predictions))):
+        advice = None
+        if base_lr is not None and base_batch is not None:
+            advice = advise(
+                base_batch,
+                base_lr,
+                chosen.batch_size,
+                n_train=n_train,
+                optimizer=optimizer,
+                rule="surge" if optimizer in ADAM_OPTIMIZERS else "critical",
+                noise_scale=critical_batch,
+                **adam,
+            )
+        picks.append(Recommendation(goal, chosen, advice))
+    return picks[0], picks[1]
