@@ -419,3 +419,26 @@ def recommend(
             )
         picks.append(Recommendation(goal, chosen, advice))
     return picks[0], picks[1]
+
+
+def advice_costs(advice: Advice, step_time: StepTimeFit, devices: int = 1) -> dict[str, Any]:
+    """Seconds per step at B0 and B1 and, where the advice has them, wall time and device-hours for
+    its epochs and (with a noise scale) for reaching the loss B0 reaches in those epochs.
+
+    >>> a = advise(100, 0.1, 400, n_train=10_000, epochs=1, noise_scale=100.0)
+    >>> fit = StepTimeFit(0.01, 0.0, (1.0,), (0.01,), 0.0)
+    >>> c = advice_costs(a, fit)
+    >>> c["wall_s"], c["same_loss_wall_s"]
+    ([1.0, 0.25], [1.0, 0.625])
+    """
+    d = int(check_number("devices", devices, low=1, integer=True))
+    r = advice.result
+    t = [step_time.time_per_step(b / d) for b in (r.base_batch, r.batch_size)]
+    out: dict[str, Any] = {"devices": d, "step_time_s": t}
+    if advice.total_steps is not None and advice.base_total_steps is not None:
+        wall = [advice.base_total_steps * t[0], advice.total_steps * t[1]]
+        out.update(wall_s=wall, device_hours=[w * d / 3600.0 for w in wall])
+        if advice.steps_ratio is not None:
+            same = [wall[0], advice.base_total_steps * advice.steps_ratio * t[1]]
+            out.update(same_loss_wall_s=same, same_loss_device_hours=[w * d / 3600 for w in same])
+    return out
