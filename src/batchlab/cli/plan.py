@@ -34,6 +34,7 @@ from batchlab.core.plan import (
     Target,
     ThroughputTable,
     candidate_batches,
+    device_counts,
     predict,
     recommend,
 )
@@ -359,8 +360,20 @@ def plan_report(
         critical_interval=interval,
     )
     adam = {"beta2": beta2} if optimizer != "sgd" else {}
+    fewer = [
+        p
+        for d in device_counts(devices)[:-1]
+        for p in predict(
+            sizes,
+            target=inputs["target"],
+            critical_batch=bc,
+            step_time=fit,
+            devices=d,
+            critical_interval=interval,
+        )
+    ]
     fast, cheap = recommend(
-        preds,
+        preds + fewer,
         critical_batch=bc,
         base_batch=base[0] if base else None,
         base_lr=base[1] if base else None,
@@ -436,10 +449,12 @@ def _print(out: dict[str, Any]) -> None:
     table = Table(box=box.SIMPLE_HEAD, caption="(low-high): over the B_crit interval")
     for column in ("B", "ms/step", "steps", "samples", f"wall ({unit})", "device-h", ""):
         table.add_column(column, justify="left" if column == "" else "right", no_wrap=True)
-    fast, cheap = out["fastest"]["batch_size"], out["cheapest"]["batch_size"]
+    fast, cheap = ((out[g]["batch_size"], out[g]["devices"]) for g in ("fastest", "cheapest"))
     for p in out["predictions"]:
         mark = " ".join(
-            name for name, b in (("fastest", fast), ("cheapest", cheap)) if b == p["batch_size"]
+            name
+            for name, pick in (("fastest", fast), ("cheapest", cheap))
+            if pick == (p["batch_size"], p["devices"])
         )
         size = str(p["batch_size"])
         if p["accumulation"] > 1:  # micro-batches per device and step
@@ -457,7 +472,8 @@ def _print(out: dict[str, Any]) -> None:
     screen.print(table)
     for rec in (out["fastest"], out["cheapest"]):
         line = (
-            f"[bold]{rec['goal']}[/bold]: B = {rec['batch_size']}, {_hours(rec['wall_s'])}, "
+            f"[bold]{rec['goal']}[/bold]: B = {rec['batch_size']} on {rec['devices']} device(s), "
+            f"{_hours(rec['wall_s'])}, "
             f"{rec['device_hours']:.3g} device-hours, {rec['steps']:.4g} steps"
         )
         advice = rec.get("advice")

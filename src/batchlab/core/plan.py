@@ -185,6 +185,7 @@ class Prediction:
     """
 
     batch_size: int
+    devices: int
     steps: float
     steps_interval: tuple[float, float]
     samples: float
@@ -248,6 +249,7 @@ def predict(
         out.append(
             Prediction(
                 batch_size=b,
+                devices=d,
                 steps=s,
                 steps_interval=_span(steps),
                 samples=s * b,
@@ -265,10 +267,10 @@ def predict(
 
 
 def fastest(predictions: Sequence[Prediction]) -> Prediction:
-    """The prediction with the least wall time to target (ties: the smaller batch)."""
+    """The prediction with the least wall time to target (ties: fewer devices, smaller batch)."""
     if not predictions:
         raise ValueError("batch_sizes: need at least one candidate batch size")
-    return min(predictions, key=lambda p: (p.wall_s, p.batch_size))
+    return min(predictions, key=lambda p: (p.wall_s, p.devices, p.batch_size))
 
 
 def cheapest(predictions: Sequence[Prediction]) -> Prediction:
@@ -276,6 +278,19 @@ def cheapest(predictions: Sequence[Prediction]) -> Prediction:
     if not predictions:
         raise ValueError("batch_sizes: need at least one candidate batch size")
     return min(predictions, key=lambda p: (p.device_hours, p.wall_s, p.batch_size))
+
+
+def device_counts(devices: int) -> list[int]:
+    """Device counts a job of up to ``devices`` may use: powers of two below it, and itself.
+
+    Without communication costs more devices only shorten a step, while each device-hour still
+    counts, so ``cheapest`` looks at fewer devices too.
+
+    >>> device_counts(6)
+    [1, 2, 4, 6]
+    """
+    d = int(check_number("devices", devices, low=1, integer=True))
+    return sorted({2**k for k in range(d.bit_length()) if 2**k < d} | {d})
 
 
 def candidate_batches(low: int, high: int) -> list[int]:

@@ -458,7 +458,7 @@ def plan_figure(plan: dict) -> Figure:
                 "*",
                 ms=16,
                 color=color,
-                label=name,
+                label=f"{name} ({rec['devices']} device(s))",
                 zorder=3 if name == goal else 2,
             )
         ax.axvline(plan["critical_batch"], color="0.5", ls=":", label="B_crit")
