@@ -108,11 +108,16 @@ def _study_inputs(db: Path, study: str | None) -> dict[str, Any]:
         fail(
             "study", f"fewer than two batch sizes of {data.name!r} reached {data.target.describe()}"
         )
+    # The target as the fitted steps at the middle measured batch size: the same curve at the
+    # fitted B_crit, and the interval pinches where the study measured (S_min and B_crit move
+    # together; holding S_min fixed while B_crit moves would not).
+    sizes = sorted(fit.fit.batch_sizes)
+    middle = sizes[len(sizes) // 2]
     return {
         "source": f"study {data.name!r} in {db}: fit of steps to {data.target.describe()}",
         "critical_batch": fit.critical_batch,
         "interval": fit.critical_batch_interval,
-        "target": Target(fit.s_min),
+        "target": Target(float(fit.fit.predict_steps(middle)), reference_batch=middle),
     }
 
 
@@ -227,6 +232,9 @@ def plan(
     optimizer: str = typer.Option("sgd", help=f"One of {', '.join(OPTIMIZERS)}."),
     beta2: float = typer.Option(ADAM_DEFAULTS["beta2"], help="Adam beta2 at --batch-size."),
     train_size: int | None = typer.Option(None, help="Training examples N (for warmup steps)."),
+    warmup_epochs: float | None = typer.Option(
+        None, help="Warmup epochs of the lr advice (default 5 when the lr grows, Goyal)."
+    ),
     task_option: TaskOptionsOpt = None,
     device: DeviceOpt = None,
     plot: Path | None = typer.Option(None, "--plot", help="Save time and cost against B (PNG)."),
@@ -250,6 +258,8 @@ def plan(
             "noise_steps",
             f"must be >= 2 (an estimate folds in two measured steps), got {noise_steps}",
         )
+    if warmup_epochs is not None and not warmup_epochs >= 0:
+        fail("warmup_epochs", f"must be a number >= 0, got {warmup_epochs}")
     if (batch_size is None) != (lr is None):
         fail("lr", "the lr advice needs both --batch-size and --lr")
     if target_steps is not None and target_samples is not None:
@@ -320,6 +330,7 @@ def plan(
             optimizer=optimizer,
             n_train=train_size,
             beta2=beta2,
+            warmup_epochs=warmup_epochs,
         )
     except ValueError as exc:
         field, _, message = str(exc).partition(": ")
@@ -342,6 +353,7 @@ def plan_report(
     optimizer: str,
     n_train: int | None,
     beta2: float,
+    warmup_epochs: float | None = None,
 ) -> dict[str, Any]:
     """Everything ``batchlab plan`` prints, as one JSON-ready dict (arithmetic only, no torch)."""
     fit = table.step_time()
@@ -359,7 +371,9 @@ def plan_report(
         devices=devices,
         critical_interval=interval,
     )
-    adam = {"beta2": beta2} if optimizer != "sgd" else {}
+    options: dict[str, Any] = {"beta2": beta2} if optimizer != "sgd" else {}
+    if warmup_epochs is not None:
+        options["warmup_epochs"] = warmup_epochs
     fewer = [
         p
         for d in device_counts(devices)[:-1]
@@ -379,7 +393,7 @@ def plan_report(
         base_lr=base[1] if base else None,
         optimizer=optimizer,
         n_train=n_train,
-        **adam,
+        **options,
     )
     target: Target = inputs["target"]
     return {
@@ -415,7 +429,7 @@ def plan_report(
 
 
 def _interval(low: float, high: float, fmt: Any) -> str:
-    return "" if low == high else f" ({fmt(low)}-{fmt(high)})"
+    return "" if math.isclose(low, high, rel_tol=1e-9) else f" ({fmt(low)}-{fmt(high)})"
 
 
 def _print(out: dict[str, Any]) -> None:
@@ -425,7 +439,7 @@ def _print(out: dict[str, Any]) -> None:
     tp = out["throughput"]
     screen.print(
         f"[bold]B_crit[/bold] = {out['critical_batch']:.4g}"
-        + (f" ({ci[0]:.4g} .. {ci[1] if ci[1] is not None else 'inf'})" if ci else "")
+        + (f" ({ci[0]:.4g} .. {'inf' if ci[1] is None else f'{ci[1]:.4g}'})" if ci else "")
         + f" from {out['critical_source']}",
         markup=True,
         highlight=False,
@@ -489,6 +503,13 @@ def _print(out: dict[str, Any]) -> None:
         screen.print(line, highlight=False)
     if out["fastest"].get("advice") is None:
         screen.print("lr advice: give --batch-size and --lr (a batch size whose lr you know)")
+    notes = {
+        w
+        for rec in (out["fastest"], out["cheapest"])
+        for w in rec.get("advice", {}).get("warnings", [])
+    }
+    for warning in sorted(notes):
+        console.print(f"[yellow]warning:[/yellow] {warning}", markup=True, highlight=False)
 
 
 def _save_plot(out: dict[str, Any], path: Path) -> None:

@@ -412,11 +412,12 @@ def recommend(
     base_lr: float | None = None,
     optimizer: str = "sgd",
     n_train: int | None = None,
-    **adam: float,
+    **options: float,
 ) -> tuple[Recommendation, Recommendation]:
     """The fastest and the cheapest batch size, each with its lr by the matching rule.
 
-    ``adam`` may hold ``beta1``, ``beta2``, ``eps`` at the base batch.
+    ``options`` go to ``advise``: ``beta1``, ``beta2``, ``eps`` at the base batch, ``warmup_epochs``. With ``n_train`` the advice
+    counts the predicted samples to target as its epochs (so it warns of a warmup too long for them).
     """
     picks = []
     for goal, chosen in (("fastest", fastest(predictions)), ("cheapest", cheapest(predictions))):
@@ -427,10 +428,11 @@ def recommend(
                 base_lr,
                 chosen.batch_size,
                 n_train=n_train,
+                epochs=None if n_train is None else chosen.samples / n_train,
                 optimizer=optimizer,
                 rule="surge" if optimizer in ADAM_OPTIMIZERS else "critical",
                 noise_scale=critical_batch,
-                **adam,
+                **options,
             )
         picks.append(Recommendation(goal, chosen, advice))
     return picks[0], picks[1]
