@@ -287,3 +287,108 @@ def test_bad_momentum(momentum):
         r.noise_temperature(0.1, 100, 10, momentum)
     with pytest.raises(ValueError, match=r"^momentum: "):
         r.advise(64, 0.1, 128, n_train=1000, epochs=1, momentum=momentum)
+
+
+# ------------------------------------------------------------------------------------------------
+# The newer rules (Marek et al. 2025, Meterez et al. 2025, Wang & Aitchison 2024, DeepSeek 2024)
+
+
+@given(st.integers(1, 4096), st.integers(1, 4096), betas)
+def test_marek_beta2_keeps_the_half_life_in_examples(b0, b1, beta2):
+    """Marek et al. 2025 hold the half-life of beta2 fixed in tokens: beta2' = beta2 ** (B'/B)."""
+    new = r.scale_beta2(b0, b1, beta2)
+    assert close(new, beta2 ** (b1 / b0))
+    if 0.0 < new < 1.0:  # beyond float range (0 or 1) the half-life is undefined
+        assert math.isclose(r.beta2_half_life(new, b1), r.beta2_half_life(beta2, b0), rel_tol=1e-6)
+
+
+def test_marek_small_batch_beta2():
+    """The GPT-style beta2 = 0.95 at 512 sequences becomes ~0.9999 at batch size 1 (the paper's
+    batch-1 regime), and beta2 = 0.999 at B is 0.999**2 at 2B."""
+    assert round(r.scale_beta2(512, 1, 0.95), 4) == 0.9999
+    assert close(r.scale_beta2(64, 128, 0.999), 0.998001)
+    with pytest.raises(ValueError, match="beta2"):
+        r.scale_beta2(64, 128, 1.0)
+
+
+def test_seesaw_each_doubling_multiplies_lr_by_inverse_sqrt2():
+    """Meterez et al. 2025: where a scheduler would halve the lr, Seesaw doubles B and multiplies
+    the lr by 1/sqrt(2)."""
+    for k in range(6):
+        assert close(r.seesaw_lr(256, 1e-3, 256 * 2**k), 1e-3 / math.sqrt(2) ** k)
+
+
+def test_seesaw_schedule_keeps_lr_over_sqrt_batch_on_the_step_decay():
+    """The batch-ramp form: halving at each milestone becomes B x2 and lr x 1/sqrt(2), so lr /
+    sqrt(B / B0) equals the original step decay in every phase (the paper's NSGD equivalence)."""
+    from batchlab.core.schedules import increase_batch
+
+    plan = increase_batch(
+        1e-3, 256, [10, 20, 30], 0.5, epochs=40, n_train=100_000, optimizer="adam"
+    )
+    assert plan.batch_schedule == ((10.0, 512), (20.0, 1024), (30.0, 2048))
+    assert plan.source == r.SOURCES["seesaw"]
+    for phase, epoch in enumerate((5, 15, 25, 35)):
+        lr = plan.lr_at(epoch * 100_000 / 256)
+        b = plan.batch_size_at(epoch)
+        assert close(lr, 1e-3 * 2 ** (-phase / 2), rel=1e-9)
+        assert close(lr / math.sqrt(b / 256), 1e-3 * 0.5**phase, rel=1e-9)
+    sgd = increase_batch(1e-3, 256, [10], 0.5, epochs=40, n_train=100_000)
+    assert sgd.schedule == "constant"  # Smith et al.: SGD keeps the lr, only the batch grows
+
+
+def test_wang_aitchison_timescale_and_its_scaling_consequences():
+    """tau_iter = 1 / (lr lambda); tau_epoch = tau_iter B / N. Held fixed (the paper's finding):
+    at fixed lr a k-times larger data set needs lambda / k; under muP (lr ~ 1/width) a k-times
+    wider model needs lambda x k."""
+    # Llama-style AdamW: lr 3e-4, lambda 0.1 -> tau_iter = 33,333 iterations.
+    n, b = 10**12, 4 * 10**6  # 1T tokens in 4M-token batches: 250k iterations per epoch
+    tau = r.adamw_timescale_epochs(3e-4, 0.1, b, n)
+    assert close(tau * n / b, 1 / (3e-4 * 0.1), rel=1e-9)
+    base = dict(base_lr=1e-3, base_batch=128, base_n_train=50_000)
+    more_data = r.scale_weight_decay(0.1, lr=1e-3, batch_size=128, n_train=200_000, **base)
+    assert close(more_data, 0.1 / 4, rel=1e-12)
+    wider = r.scale_weight_decay(0.1, lr=1e-3 / 4, batch_size=128, n_train=50_000, **base)
+    assert close(wider, 0.1 * 4, rel=1e-12)
+    assert close(
+        r.adamw_weight_decay(1e-3, 128, 50_000, r.adamw_timescale_epochs(1e-3, 0.1, 128, 50_000)),
+        0.1,
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "batch_sequences", "lr"),
+    [("7B", 2304, 4.2e-4), ("67B", 4608, 3.2e-4)],
+)
+def test_deepseek_power_laws_reproduce_their_models(model, batch_sequences, lr):
+    """DeepSeek LLM Table 2: the 7B (batch 2304 x 4096 tokens, lr 4.2e-4) and 67B (4608 x 4096,
+    3.2e-4) runs sit on Eq. 1: the budget whose lr_opt is their lr has B_opt their batch (3%)."""
+    a, alpha = r.DEEPSEEK_LR
+    compute = (lr / a) ** (1 / alpha)
+    opt = r.deepseek_compute_optimal(compute)
+    assert close(opt.lr, lr, rel=1e-9)
+    assert abs(opt.batch_sequences(4096) / batch_sequences - 1) < 0.03, model
+    assert "fitted to DeepSeek's setting" in opt.note
+    assert r.DEEPSEEK_BATCH == (0.2920, 0.3271) and r.DEEPSEEK_LR == (0.3118, -0.1250)
+
+
+def test_advise_without_n_train_gives_the_lr_and_sets_adam_beta2():
+    a = r.advise(64, 1e-3, 256, optimizer="adam", rule="surge", noise_scale=512.0)
+    assert a.total_steps is None and a.warmup_steps is None and a.n_train is None
+    assert close(a.result.beta2, 0.999**4)
+    assert a.beta2_source == r.SOURCES["beta2_half_life"]
+    sqrt_rule = r.advise(64, 1e-3, 256, optimizer="adam")  # adam_sqrt sets its own beta2
+    assert close(sqrt_rule.result.beta2, 1 - 4 * 0.001)
+    d = r.advise(64, 0.1, 256).to_dict()
+    assert d["total_steps"] is None and "noise_temperature" not in d
+
+
+def test_auto_says_why_it_chose_its_rule():
+    for optimizer, bn, name, why in (
+        ("sgd", None, "linear", "without a noise scale"),
+        ("sgd", 500.0, "critical", "saturates"),
+        ("adam", 500.0, "surge", "peaks at B = B_noise"),
+        ("adam", None, "adam_sqrt", "SDE"),
+    ):
+        res = r.auto(64, 0.01, 256, optimizer=optimizer, noise_scale=bn)
+        assert res.rule == name and why in res.reason

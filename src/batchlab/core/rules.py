@@ -375,6 +375,17 @@ def surge(
     )
 
 
+# Why ``auto`` picks each rule, printed with its choice.
+_AUTO_WHY = {
+    "critical": "SGD's best lr saturates at lr_max as B passes the noise scale, which is measured",
+    "surge": "Adam's best lr peaks at B = B_noise and falls beyond it, and the noise scale is "
+    "measured",
+    "linear": "SGD without a noise scale: linear scaling with warmup holds up to the critical "
+    "batch (Goyal: 8k on ImageNet)",
+    "adam_sqrt": "Adam without a noise scale: the SDE square-root rule for lr, betas and eps",
+}
+
+
 def auto(
     base_batch: int,
     base_lr: float,
@@ -405,7 +416,7 @@ def auto(
         name = "surge" if adam else "critical"
     else:
         name = "adam_sqrt" if adam else "linear"
-    why = f"auto: {optimizer} with {known} -> {name}"
+    why = f"auto: {optimizer} with {known} -> {name} ({_AUTO_WHY[name]})"
     try:
         result = _call(name, base_batch, base_lr, batch_size, noise_scale, options)
     except ValueError as err:
@@ -572,19 +583,20 @@ class Advice:
     """Everything ``batchlab advise`` reports for moving one job from B0 to B1, each with a source.
 
     Steps are counted as the engine counts them: whole steps covering ``epochs`` of ``n_train``
-    examples. The noise temperature fields are for SGD (None for Adam); the ratios need a measured
-    noise scale (None without one).
+    examples (None without ``n_train`` and ``epochs``; warmup steps need ``n_train``). The noise
+    temperature fields are for SGD with ``n_train`` (else None); the ratios need a measured noise
+    scale (None without one). ``beta2_source`` names the rule that set Adam's beta2.
     """
 
     result: RuleResult
     requested_rule: str
     optimizer: str
-    n_train: int
-    epochs: float
+    n_train: int | None
+    epochs: float | None
     momentum: float
-    warmup_steps: int
-    total_steps: int
-    base_total_steps: int
+    warmup_steps: int | None
+    total_steps: int | None
+    base_total_steps: int | None
     noise_temperature: float | None
     base_noise_temperature: float | None
     momentum_for_same_temperature: float | None
@@ -592,11 +604,12 @@ class Advice:
     samples_ratio: float | None
     warnings: tuple[str, ...]
     base_adam: tuple[float, float, float] | None = None
+    beta2_source: str | None = None
 
     @property
-    def steps_per_epoch(self) -> float:
-        """Optimizer steps per epoch at the new batch size, N / B1."""
-        return self.n_train / self.result.batch_size
+    def steps_per_epoch(self) -> float | None:
+        """Optimizer steps per epoch at the new batch size, N / B1 (None without N)."""
+        return None if self.n_train is None else self.n_train / self.result.batch_size
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: the fields of ``batchlab advise --json``."""
@@ -615,7 +628,7 @@ class Advice:
             "lr_ratio": r.lr_ratio,
         }
         if self.base_adam is not None:
-            out.update(beta1=r.beta1, beta2=r.beta2, eps=r.eps)
+            out.update(beta1=r.beta1, beta2=r.beta2, eps=r.eps, beta2_source=self.beta2_source)
             out.update(zip(("base_beta1", "base_beta2", "base_eps"), self.base_adam, strict=True))
         out.update(
             warmup_epochs=r.warmup_epochs,
@@ -627,7 +640,7 @@ class Advice:
             total_steps=self.total_steps,
             base_total_steps=self.base_total_steps,
         )
-        if self.optimizer not in ADAM_OPTIMIZERS:
+        if self.optimizer not in ADAM_OPTIMIZERS and self.noise_temperature is not None:
             out.update(
                 momentum=self.momentum,
                 noise_temperature=self.noise_temperature,
@@ -641,7 +654,9 @@ class Advice:
                 samples_ratio=self.samples_ratio,
                 speedup=1.0 / self.steps_ratio,
                 efficiency=1.0 / self.samples_ratio,
-                epochs_for_same_loss=self.epochs * self.samples_ratio,
+                epochs_for_same_loss=None
+                if self.epochs is None
+                else self.epochs * self.samples_ratio,
             )
         out["warnings"] = list(self.warnings)
         return out
@@ -652,8 +667,8 @@ def advise(
     base_lr: float,
     batch_size: int,
     *,
-    n_train: int,
-    epochs: float,
+    n_train: int | None = None,
+    epochs: float | None = None,
     optimizer: str = "sgd",
     rule: str = "auto",
     momentum: float = 0.0,
@@ -665,15 +680,18 @@ def advise(
 ) -> Advice:
     """New lr (betas, eps), warmup, steps and the expected cost of moving a job from B0 to B1.
 
-    ``options`` go to the rule (``warmup_epochs``, ``legw``). Warnings flag a batch beyond the
-    critical batch size, above N/10 or N, and rules that do not fit the optimizer.
+    ``options`` go to the rule (``warmup_epochs``, ``legw``). ``n_train`` and ``epochs`` are
+    optional: they only add steps, warmup steps and the noise temperature. For Adam, beta2 keeps
+    its half-life in examples (``scale_beta2``) unless the rule sets it (adam_sqrt). Warnings flag a
+    batch beyond the critical batch size, above N/10 or N, and rules that do not fit the optimizer.
 
     >>> a = advise(256, 0.1, 8192, n_train=1_281_167, epochs=90)
     >>> round(a.result.lr, 6), a.warmup_steps, a.total_steps
     (3.2, 782, 14076)
     """
-    n = int(check_number("n_train", n_train, low=1, integer=True))
-    epochs = check_number("epochs", epochs, low=0.0, low_open=True)
+    n = None if n_train is None else int(check_number("n_train", n_train, low=1, integer=True))
+    if epochs is not None:
+        epochs = check_number("epochs", epochs, low=0.0, low_open=True)
     m = check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
     if noise_scale is not None:
         noise_scale = check_number("noise_scale", noise_scale, low=0.0, low_open=True)
@@ -693,11 +711,15 @@ def advise(
         noise_scale=noise_scale,
         **options,
     )
-    if optimizer in ADAM_OPTIMIZERS and result.beta1 is None:
-        result = dataclasses.replace(result, **adam)
-    samples = round(epochs * n)
+    beta2_source = None
+    if optimizer in ADAM_OPTIMIZERS:
+        result, beta2_source = _adam_betas(result, adam)
+    steps = None
+    if n is not None and epochs is not None:
+        samples = round(epochs * n)
+        steps = (math.ceil(samples / result.batch_size), math.ceil(samples / result.base_batch))
     g = g0 = keep = None
-    if optimizer not in ADAM_OPTIMIZERS:
+    if optimizer not in ADAM_OPTIMIZERS and n is not None:
         g0 = noise_temperature(result.base_lr, n, result.base_batch, m)
         g = noise_temperature(result.lr, n, result.batch_size, m)
         try:
@@ -717,9 +739,9 @@ def advise(
         n_train=n,
         epochs=epochs,
         momentum=m,
-        warmup_steps=math.ceil(result.warmup_epochs * n / result.batch_size),
-        total_steps=math.ceil(samples / result.batch_size),
-        base_total_steps=math.ceil(samples / result.base_batch),
+        warmup_steps=None if n is None else math.ceil(result.warmup_epochs * n / result.batch_size),
+        total_steps=None if steps is None else steps[0],
+        base_total_steps=None if steps is None else steps[1],
         noise_temperature=g,
         base_noise_temperature=g0,
         momentum_for_same_temperature=keep,
@@ -727,11 +749,22 @@ def advise(
         samples_ratio=ratios[1],
         warnings=result.warnings + _advice_warnings(result, n, epochs, noise_scale),
         base_adam=(beta1, beta2, eps) if optimizer in ADAM_OPTIMIZERS else None,
+        beta2_source=beta2_source,
     )
 
 
+def _adam_betas(result: RuleResult, base: dict[str, float]) -> tuple[RuleResult, str]:
+    """Adam's betas and eps for the advice: the rule's own when it scales beta2 (adam_sqrt), else
+    the base ones with beta2 at the half-life of Marek et al. 2025; the second item names the rule."""
+    if result.rule == "adam_sqrt":
+        return result, SOURCES["adam_sqrt"]
+    kept = {k: base[k] if getattr(result, k) is None else getattr(result, k) for k in base}
+    kept["beta2"] = scale_beta2(result.base_batch, result.batch_size, base["beta2"])
+    return dataclasses.replace(result, **kept), SOURCES["beta2_half_life"]
+
+
 def _advice_warnings(
-    result: RuleResult, n_train: int, epochs: float, noise_scale: float | None
+    result: RuleResult, n_train: int | None, epochs: float | None, noise_scale: float | None
 ) -> tuple[str, ...]:
     """Warnings about the new batch size itself (not about the rule)."""
     b1, out = result.batch_size, []
@@ -743,12 +776,12 @@ def _advice_warnings(
             f"x{samples_ratio(result.base_batch, b1, noise_scale):.3g} the samples "
             f"({SOURCES['critical']})"
         )
-    if b1 > n_train:
+    if n_train is not None and b1 > n_train:
         out.append(
             f"batch size {b1} is larger than the training set ({n_train}): every step repeats "
             "examples and an epoch is less than one step"
         )
-    elif b1 > n_train / 10:
+    elif n_train is not None and b1 > n_train / 10:
         out.append(
             f"batch size {b1} is above ~N/10 = {n_train / 10:g}: g = lr N / B no longer holds "
             f"(it needs B << N) and test accuracy fell there ({SOURCES['temperature']})"
@@ -758,9 +791,156 @@ def _advice_warnings(
             f"linear scaling with warmup matched small-batch accuracy up to batch {GOYAL_MAX_BATCH} "
             f"on ImageNet and broke down beyond it ({SOURCES['linear']})"
         )
-    if result.warmup_epochs > epochs * WARMUP_SHARE:
+    if epochs is not None and result.warmup_epochs > epochs * WARMUP_SHARE:
         out.append(
             f"warmup ({result.warmup_epochs:g} epochs) takes {result.warmup_epochs / epochs:.0%} of "
             f"the {epochs:g}-epoch run (Goyal et al. 2017 used 5 of 90); set warmup_epochs"
         )
     return tuple(out)
+
+
+# The newer rules (Marek et al. 2025, Meterez et al. 2025, Wang & Aitchison 2024, DeepSeek 2024).
+
+NEWER_SOURCES = {
+    "beta2_half_life": "Marek et al. 2025, 'Small Batch Size Training for Language Models', "
+    "arXiv:2507.07101",
+    "seesaw": "Meterez et al. 2025, 'Seesaw: Accelerating Training by Balancing Learning Rate and "
+    "Batch Size Scheduling', arXiv:2510.14717",
+    "adamw_timescale": "Wang & Aitchison 2024, 'How to set AdamW's weight decay as you scale model "
+    "and dataset size', arXiv:2405.13698",
+    "deepseek": "DeepSeek-AI 2024, 'DeepSeek LLM: Scaling Open-Source Language Models with "
+    "Longtermism', arXiv:2401.02954, Eq. 1",
+}
+SOURCES.update(NEWER_SOURCES)
+
+# DeepSeek LLM (2024) Eq. 1, fitted on their data and models (compute C in FLOPs as M x D with M
+# the non-embedding FLOPs per token; batch in tokens): valid for that setting, a prior elsewhere.
+DEEPSEEK_BATCH = (0.2920, 0.3271)
+DEEPSEEK_LR = (0.3118, -0.1250)
+
+
+def beta2_half_life(beta2: float, batch_size: float) -> float:
+    """Half-life of Adam's second-moment EMA in examples (or tokens, with B in tokens):
+    B ln(1/2) / ln(beta2) (Marek et al. 2025).
+
+    >>> round(beta2_half_life(0.95, 512))
+    6919
+    """
+    b2 = check_number("beta2", beta2, low=0.0, high=1.0, low_open=True, high_open=True)
+    b = check_number("batch_size", batch_size, low=0.0, low_open=True)
+    return b * math.log(0.5) / math.log(b2)
+
+
+def scale_beta2(
+    base_batch: float, batch_size: float, beta2: float = ADAM_DEFAULTS["beta2"]
+) -> float:
+    """Adam beta2 at a new batch size with the half-life held fixed in examples/tokens:
+    beta2' = beta2 ** (B'/B) (Marek et al. 2025, "Small Batch Size Training for Language Models").
+
+    >>> round(scale_beta2(512, 1, 0.95), 6)
+    0.9999
+    """
+    b0 = check_number("base_batch", base_batch, low=0.0, low_open=True)
+    b1 = check_number("batch_size", batch_size, low=0.0, low_open=True)
+    b2 = check_number("beta2", beta2, low=0.0, high=1.0, low_open=True, high_open=True)
+    return b2 ** (b1 / b0)
+
+
+def seesaw_lr(base_batch: float, base_lr: float, batch_size: float) -> float:
+    """Seesaw's lr for Adam after a batch ramp from B0 to B: lr0 sqrt(B0 / B), i.e. each doubling
+    of the batch multiplies the lr by 1/sqrt(2) (Meterez et al. 2025, arXiv:2510.14717).
+
+    It stands in for a decay of the lr by B0/B: the batch grows where a scheduler would cut the lr.
+
+    >>> round(seesaw_lr(256, 1e-3, 1024), 12)
+    0.0005
+    """
+    b0 = check_number("base_batch", base_batch, low=0.0, low_open=True)
+    lr0 = _check_lr("base_lr", base_lr)
+    b1 = check_number("batch_size", batch_size, low=0.0, low_open=True)
+    return lr0 * math.sqrt(b0 / b1)
+
+
+def adamw_timescale_epochs(lr: float, weight_decay: float, batch_size: int, n_train: int) -> float:
+    """AdamW's EMA timescale in epochs: tau_iter = 1 / (lr lambda) steps, over N / B steps per
+    epoch (Wang & Aitchison 2024, "How to set AdamW's weight decay as you scale model and dataset
+    size").
+
+    >>> round(adamw_timescale_epochs(1e-3, 0.1, 100, 50_000), 6)
+    20.0
+    """
+    lr = _check_lr("lr", lr)
+    wd = check_number("weight_decay", weight_decay, low=0.0, low_open=True)
+    b = _check_batch("batch_size", batch_size)
+    n = check_number("n_train", n_train, low=1, integer=True)
+    return b / (lr * wd * n)
+
+
+def adamw_weight_decay(lr: float, batch_size: int, n_train: int, timescale_epochs: float) -> float:
+    """AdamW weight decay lambda = B / (lr N tau_epoch) that gives an EMA timescale of
+    ``timescale_epochs`` (Wang & Aitchison 2024): the rule holds tau_epoch fixed as lr, B or N change.
+
+    >>> round(adamw_weight_decay(1e-3, 100, 50_000, 20.0), 9)
+    0.1
+    """
+    lr = _check_lr("lr", lr)
+    b = _check_batch("batch_size", batch_size)
+    n = check_number("n_train", n_train, low=1, integer=True)
+    tau = check_number("timescale_epochs", timescale_epochs, low=0.0, low_open=True)
+    return b / (lr * n * tau)
+
+
+def scale_weight_decay(
+    base_weight_decay: float,
+    *,
+    base_lr: float,
+    lr: float,
+    base_batch: int,
+    batch_size: int,
+    base_n_train: int,
+    n_train: int,
+) -> float:
+    """AdamW weight decay for a new (lr, B, N) with the EMA timescale in epochs held fixed:
+    lambda' = lambda (lr B' N) / (lr' B N') (Wang & Aitchison 2024).
+
+    >>> round(scale_weight_decay(0.1, base_lr=1e-3, lr=1e-3, base_batch=100, batch_size=100,
+    ...                          base_n_train=50_000, n_train=200_000), 9)
+    0.025
+    """
+    tau = adamw_timescale_epochs(base_lr, base_weight_decay, base_batch, base_n_train)
+    return adamw_weight_decay(lr, batch_size, n_train, tau)
+
+
+@dataclass(frozen=True)
+class ComputeOptimal:
+    """Batch (in tokens) and lr fitted as power laws of the compute budget, with their source."""
+
+    compute: float
+    batch_tokens: float
+    lr: float
+    source: str
+    note: str
+
+    def batch_sequences(self, sequence_length: int) -> float:
+        """The batch in sequences of ``sequence_length`` tokens."""
+        return self.batch_tokens / _check_batch("sequence_length", sequence_length)
+
+
+def deepseek_compute_optimal(compute: float) -> ComputeOptimal:
+    """DeepSeek LLM's compute-optimal batch and lr for LM pretraining, B_opt = 0.2920 C^0.3271
+    tokens and lr_opt = 0.3118 C^-0.1250 (arXiv:2401.02954, Eq. 1; C = non-embedding FLOPs per
+    token x tokens). Fitted to their setting (their data, AdamW, multi-step schedule): a prior.
+
+    >>> r = deepseek_compute_optimal(1e20)
+    >>> round(r.batch_tokens / 1e6, 3), round(r.lr, 7)
+    (1.017, 0.000986)
+    """
+    c = check_number("compute", compute, low=0.0, low_open=True)
+    return ComputeOptimal(
+        compute=c,
+        batch_tokens=DEEPSEEK_BATCH[0] * c ** DEEPSEEK_BATCH[1],
+        lr=DEEPSEEK_LR[0] * c ** DEEPSEEK_LR[1],
+        source=SOURCES["deepseek"],
+        note="fitted to DeepSeek's setting (their data, AdamW with a multi-step schedule, "
+        "small-scale runs extrapolated to 7B and 67B); a starting point elsewhere, not a law",
+    )

@@ -43,7 +43,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from batchlab.core.rules import SOURCES, apply_rule, check_number
+from batchlab.core.rules import (
+    ADAM_OPTIMIZERS,
+    OPTIMIZERS,
+    SOURCES,
+    apply_rule,
+    check_number,
+)
 
 Schedule = Callable[[float], float]
 
@@ -437,13 +443,16 @@ def increase_batch(
     n_train: int,
     max_batch: int | None = None,
     warmup_epochs: float = 0.0,
+    optimizer: str = "sgd",
 ) -> SchedulePlan:
     """Turn a step decay (lr x ``gamma`` at each of ``milestones``, in epochs) into batch growth.
 
     Smith et al. 2018: at each milestone multiply the batch by 1/gamma instead of decaying the lr,
     until ``max_batch`` (default: the training set), then decay the lr. Batch sizes are rounded to
     integers and the lr absorbs the rounding, so the noise temperature g = lr N / (B (1 - m)) equals
-    the original schedule's at every step.
+    the original schedule's at every step. For Adam (``optimizer`` adam or adamw) this is Seesaw
+    (Meterez et al. 2025): the lr also goes x sqrt(gamma) at each milestone, so lr / sqrt(B) follows
+    the original schedule (each doubling of B: lr x 1/sqrt(2)).
 
     >>> plan = increase_batch(0.1, 128, [60, 120, 160], 0.2, epochs=200, n_train=50_000, max_batch=5000)
     >>> plan.batch_schedule
@@ -461,13 +470,17 @@ def increase_batch(
     points = _check_fractions(
         "milestones", [check_number("milestones", m) / epochs for m in milestones]
     )
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer: must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    power = 0.5 if optimizer in ADAM_OPTIMIZERS else 1.0
     batch_schedule, lr_milestones, factors = [], [], []
     size, ideal = b0, float(b0)
     for fraction in points:
         ideal /= gamma
         new_size = round(min(ideal, cap))
-        # lr_i = lr_(i-1) gamma B_i / B_(i-1) keeps lr_i / B_i = lr gamma^i / B0: the original g.
-        factor = gamma * new_size / size
+        # SGD: lr_i = lr_(i-1) gamma B_i / B_(i-1) keeps lr_i / B_i = lr gamma^i / B0, the original
+        # g; Adam: the same with sqrt(B_i / B_(i-1)), keeping lr_i / sqrt(B_i) (Seesaw).
+        factor = gamma * (new_size / size) ** power
         if new_size != size:
             batch_schedule.append((fraction * epochs, new_size))
         if abs(factor - 1.0) > BOUNDARY_RTOL:
@@ -490,7 +503,7 @@ def increase_batch(
         schedule_options=tuple(options.items()),
         batch_schedule=tuple(batch_schedule),
         warmup_epochs=check_number("warmup_epochs", warmup_epochs, low=0.0),
-        source=SOURCES["temperature"],
+        source=SOURCES["seesaw" if power == 0.5 else "temperature"],
     )
 
 

@@ -432,3 +432,40 @@ BUILDERS = (
     ),
 )
 """(name, builder, note shown when the builder has no data) in report order."""
+
+
+def plan_figure(plan: dict) -> Figure:
+    """Wall time and device-hours to the target against batch size (``batchlab plan --json``'s
+    dict), with the B_crit interval as a band and the fastest and cheapest batch sizes marked."""
+    preds = plan["predictions"]
+    sizes = [p["batch_size"] for p in preds]
+    fig = Figure(figsize=_WIDE, layout="constrained")
+    panels = (
+        ("wall_s", "wall_interval", "wall time to target (s)", "fastest"),
+        ("device_hours", "device_hours_interval", "device-hours to target", "cheapest"),
+    )
+    for ax, (key, band, label, goal) in zip(fig.subplots(1, 2), panels, strict=True):
+        values = [p[key] for p in preds]
+        ax.plot(sizes, values, "o-", color="tab:blue", label="predicted")
+        low, high = zip(*(p[band] for p in preds), strict=True)
+        if low != high:
+            ax.fill_between(sizes, low, high, color="tab:blue", alpha=0.2, label="B_crit interval")
+        for name, color in (("fastest", "tab:red"), ("cheapest", "tab:green")):
+            rec = plan[name]
+            ax.plot(
+                [rec["batch_size"]],
+                [rec[key]],
+                "*",
+                ms=16,
+                color=color,
+                label=f"{name} ({rec['devices']} device(s))",
+                zorder=3 if name == goal else 2,
+            )
+        ax.axvline(plan["critical_batch"], color="0.5", ls=":", label="B_crit")
+        _batch_axis(ax, sizes)
+        _log_if_wide(ax, values)
+        ax.set_ylabel(label)
+        ax.legend(fontsize="small")
+    t = plan["throughput"]
+    fig.suptitle(f"{t['task']} on {t['device']} x{plan['devices']}: time and cost to target")
+    return fig
