@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import click
 import pytest
 import typer
 
@@ -47,7 +46,7 @@ def _command_lines(body: str) -> list[str]:
     for line in joined.splitlines():
         line = line.removeprefix("$ ").strip()
         if line.startswith("batchlab "):
-            line = line.split(" | ")[0].split("  #")[0].split(" # ")[0]
+            line = re.split(r"\s(?:\||>>?|2>|&&|;|#)", line)[0]
             commands.append(line)
     return commands
 
@@ -73,10 +72,9 @@ def test_documented_command_parses(command: str) -> None:
         assert sub is not None, f"no command {name!r}"
         try:
             sub.make_context(name, sub_args, parent=ctx)
-        except click.exceptions.Exit as exc:  # --help and eager options exit cleanly
-            assert exc.exit_code == 0
-        except click.UsageError as exc:
-            pytest.fail(f"{command}: {exc.format_message()}")
+        except Exception as exc:  # a usage error; --help and eager options exit with code 0
+            if getattr(exc, "exit_code", None) != 0:
+                pytest.fail(f"{command}: {getattr(exc, 'format_message', exc.__str__)()}")
 
 
 @pytest.mark.parametrize(("code", "skip"), PYTHON)
