@@ -73,6 +73,7 @@ before a final ``gns.estimate()``. Every rank gets the same estimate.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -81,14 +82,17 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.amp.grad_scaler import OptState
 from torch.nn.parallel import DistributedDataParallel
 from torch.overrides import TorchFunctionMode
 
+from batchlab.core import noise as noise_module
 from batchlab.core.noise import NoiseEMA, NoiseEstimate, effective_batches, two_batch_estimate
 from batchlab.engine.spec import SpecError
 
@@ -672,6 +676,50 @@ class _StepState:
     scales_read: bool = False
 
 
+def _is_estimator(value: object) -> bool:
+    """Estimator state objects of :mod:`batchlab.core.noise` (what :meth:`state_dict` saves)."""
+    return type(value).__module__ == noise_module.__name__ and (
+        dataclasses.is_dataclass(value) or hasattr(value, "state_dict")
+    )
+
+
+def _encode(value: object) -> object:
+    """An estimator as plain data: its own ``state_dict()``, or its dataclass fields, recursively."""
+    if _is_estimator(value):
+        if hasattr(value, "state_dict"):
+            return {"class": type(value).__name__, "state": value.state_dict()}
+        fields = {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"class": type(value).__name__, "fields": fields}
+    if isinstance(value, list | tuple):
+        return type(value)(_encode(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    return value
+
+
+def _decode(encoded: object, like: object) -> object:
+    """Inverse of :func:`_encode`; classes come only from :mod:`batchlab.core.noise`, by name."""
+    if (
+        isinstance(encoded, dict)
+        and "class" in encoded
+        and ("fields" in encoded or "state" in encoded)
+    ):
+        cls = getattr(noise_module, encoded["class"], None)
+        if not isinstance(cls, type) or (like is not None and type(like) is not cls):
+            raise SpecError("state_dict", f"holds an unknown estimator {encoded['class']!r}")
+        if "state" in encoded:
+            obj = like if like is not None else cls()
+            obj.load_state_dict(encoded["state"])
+            return obj
+        fields = {k: _decode(v, None) for k, v in encoded["fields"].items()}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    if isinstance(encoded, list | tuple):
+        return type(encoded)(_decode(v, None) for v in encoded)
+    if isinstance(encoded, dict):
+        return {k: _decode(v, None) for k, v in encoded.items()}
+    return encoded
+
+
 class GradientNoiseScale:
     """Measure the gradient noise scale of ``model`` inside an ordinary training loop.
 
@@ -685,6 +733,8 @@ class GradientNoiseScale:
         precondition: a ``torch.optim.Adam`` / ``AdamW`` whose second moments precondition gradients.
         confidence: coverage of the interval returned by :meth:`estimate`.
         process_group: the group of ``distributed`` (default: the world).
+        scaler: the ``torch.amp.GradScaler`` that scales the loss: norms are read in unscaled units
+            (before or after ``scaler.unscale_``), and ``forward_backward`` scales its backward.
     """
 
     def __init__(
@@ -699,6 +749,7 @@ class GradientNoiseScale:
         precondition: torch.optim.Optimizer | None = None,
         confidence: float = 0.95,
         process_group: dist.ProcessGroup | None = None,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if mode not in MODES:
             raise SpecError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
@@ -720,6 +771,7 @@ class GradientNoiseScale:
         if not self.params:
             raise SpecError("model", "has no trainable parameters")
         self.precondition = precondition
+        self.scaler = scaler
         if precondition is not None:
             self._check_adam(precondition)
         self.fallback: str | None = None
@@ -834,6 +886,22 @@ class GradientNoiseScale:
             out[p] = 1.0 / (v_hat.sqrt() + group["eps"])
         return out
 
+    def _backward(self, loss: Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def _unscale(self) -> tuple[Tensor | float, Tensor | float]:
+        """Factors that bring squared norms to unscaled units under a ``GradScaler``: for those read
+        during backward (always scaled), and for those read from ``p.grad`` now (scaled unless
+        ``scaler.unscale_`` has run this step). On the device: no host synchronisation."""
+        scaler = self.scaler
+        scale = None if scaler is None or not scaler.is_enabled() else scaler._get_scale_async()
+        if scale is None:  # no scaler, or it has not scaled a loss yet
+            return 1.0, 1.0
+        inverse = scale.float().reciprocal().square()
+        states = scaler._per_optimizer_states.values()  # torch 2.x: stage per optimizer
+        unscaled = any(state["stage"] is OptState.UNSCALED for state in states)
+        return inverse, 1.0 if unscaled else inverse
+
     def _record(self, item: _Pending) -> None:
         self._pending.append(item)
         if len(self._pending) >= _FLUSH_EVERY:
@@ -874,7 +942,7 @@ class GradientNoiseScale:
             self._skip("a batch of 1 has no gradient noise to measure")
         if not (self._due() and batch >= 2 and self._scales()[0]):
             loss = self.loss_fn(self.model(x), y)
-            loss.backward()
+            self._backward(loss)
         elif self.mode == "per_example":
             loss = self._per_example_pass(x, y)
         else:
@@ -906,7 +974,7 @@ class GradientNoiseScale:
         with self._own_grads():
             for xm, ym in zip(x.split(sizes), y.split(sizes), strict=True):
                 part = self.loss_fn(self.model(xm), ym) * (xm.shape[0] / batch)
-                part.backward()
+                self._backward(part)
                 self._end_micro_batch(xm.shape[0])
                 loss = loss + part.detach()
             self._record_micro_batches()
@@ -920,7 +988,7 @@ class GradientNoiseScale:
             with hooks:
                 out = self.model(x)
             loss = self.loss_fn(out, y)
-            loss.backward()
+            self._backward(loss)
             grads = {p: p.grad for p in self.params if p.grad is not None}
             shares = hooks.sq_norms(grads, scales)
             hooks.clear()
@@ -929,7 +997,7 @@ class GradientNoiseScale:
                 self._fall_back(shares)
             else:  # example i's own gradient is batch * its share of the mean-batch gradient
                 big = _sq_norm(self._grads(), self.params, scales)
-                values = torch.stack([shares.mean() * batch**2, big])
+                values = torch.stack([shares.mean() * batch**2, big]) * self._unscale()[0]
                 self._record(_Pending((values,), lambda v: (v[0], v[1], 1.0, float(batch))))
         return loss
 
@@ -983,7 +1051,13 @@ class GradientNoiseScale:
         if len(state.micro_sizes) < 2:
             self._skip("accumulation needs at least 2 micro-batches per step")
             return
-        norms = torch.stack(state.norms + _sq_norms(self._grads(), self.params, state.scales))
+        from_hooks, from_grads = self._unscale()
+        norms = torch.cat(
+            [
+                torch.stack(state.norms) * from_hooks,
+                torch.stack(_sq_norms(self._grads(), self.params, state.scales)) * from_grads,
+            ]
+        )
         key = (tuple(state.micro_sizes), tuple(state.micro_counts))
         if key not in self._resolvers:  # the same cut every step: build its resolver once
             batches = effective_batches(state.micro_sizes)
@@ -1013,8 +1087,9 @@ class GradientNoiseScale:
             raise SpecError(
                 "mode", "no local gradient was read: call after_backward before all-reduce"
             )
-        local = torch.stack(state.local_sq).sum().double()
-        big = _sq_norm(self._grads(), self.params, state.scales)
+        from_hooks, from_grads = self._unscale()
+        local = (torch.stack(state.local_sq).sum() * from_hooks).double()
+        big = _sq_norm(self._grads(), self.params, state.scales) * from_grads
         self._unreduced.append(
             (torch.stack([local, torch.ones_like(local) / state.local_batch]), big)
         )
@@ -1067,6 +1142,49 @@ class GradientNoiseScale:
         """Measurements folded into the estimate."""
         self._flush()
         return self._ema.count
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue the same estimate, as plain numbers (loadable with
+        ``torch.load(weights_only=True)``): the estimators' own state, steps, skips and any fallback.
+
+        Folds pending measurements in first. ``distributed``: call :meth:`sync` on every rank first.
+        """
+        if self._unreduced:
+            raise SpecError(
+                "state_dict",
+                f"{len(self._unreduced)} distributed measurements are not shared yet: "
+                "call sync() on every rank first",
+            )
+        self._flush()
+        return {
+            "mode": self.mode,
+            "fallback": self.fallback,
+            "step": self._step,
+            "skipped": dict(self.skipped),
+            "estimators": {k: _encode(v) for k, v in vars(self).items() if _is_estimator(v)},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: the next measurement folds into the saved estimate."""
+        saved = state.get("mode")
+        if saved != self.mode and not (self.mode == "per_example" and state.get("fallback")):
+            raise SpecError(
+                "state_dict", f"was saved in mode {saved!r}, this monitor is {self.mode!r}"
+            )
+        own = {k: v for k, v in vars(self).items() if _is_estimator(v)}
+        if set(state["estimators"]) != set(own):
+            raise SpecError(
+                "state_dict",
+                f"holds estimators {sorted(state['estimators'])}, this monitor {sorted(own)}",
+            )
+        if self.mode != saved:
+            self._skip("per_example fell back to split")
+            self._fall_back(state["fallback"])
+        self._pending.clear()
+        for name, encoded in state["estimators"].items():
+            setattr(self, name, _decode(encoded, own[name]))
+        self._step = int(state["step"])
+        self.skipped = Counter(state["skipped"])
 
     def reset(self) -> None:
         """Forget past measurements (e.g. after the learning rate changes a lot); every rank in
