@@ -15,11 +15,20 @@ norms at two batch sizes and feeds them to the estimators of :mod:`batchlab.core
 - ``split``: for loops that have neither, :meth:`forward_backward` runs ``n_micro`` forward and
   backward passes on slices of the batch (sizes may differ by one: the estimator weights them
   exactly), read by the same hooks; it costs what smaller batches cost on the hardware.
-- ``per_example``: per-example gradient norms from one ordinary backward for models built of
-  ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (Goodfellow 2015: ``|g_i|^2`` from each layer's input
-  and output gradient, with the Gram form of Li et al. 2022 for sequences). Models with other
-  parameterised layers, shared weights or inputs whose first dimension is not the batch fall back to
-  ``split``; the monitor logs why and keeps it in ``fallback``.
+- ``per_example``: per-example gradient norms from one ordinary backward (Goodfellow 2015: ``|g_i|^2``
+  from each layer's input and output gradient). During the forward a ``TorchFunctionMode`` sees every
+  parameter enter through ``F.linear`` (``nn.Linear``, ``nn.MultiheadAttention``'s packed
+  in-projection and ``out_proj``), ``torch.addmm`` (Hugging Face's ``Conv1D``), ``F.embedding``
+  (index collisions inside an example add up; a lookup without the batch, nanoGPT's ``wpe(pos)``,
+  gets its per-example gradient from the sum it is broadcast into), ``F.conv1d/2d``, ``F.layer_norm``
+  and ``F.rms_norm`` (weight and bias; Gray et al. 2024). On sequences a weight's per-example squared
+  norm comes from the Gram matrices ``sum_{t,t'} (a_t.a_t')(g_t.g_t')`` or from the materialised
+  per-example gradient, whichever is cheaper (the ghost norm of Li et al. 2022); a weight used twice
+  (an embedding tied to the output head) adds its uses' cross terms. The first measured step checks
+  that the shares add up to each parameter's gradient; a model that goes beyond this (another
+  parameterised function, a parameter also used elsewhere, a batch not in dimension 0) falls back to
+  ``split``: the monitor logs why and keeps it in ``fallback``. :func:`per_example_grad_norms` gives
+  the norms themselves.
 
 ``precondition=adam_optimizer`` measures the noise scale of the Adam-preconditioned gradient
 ``g / (sqrt(v_hat) + eps)`` with ``v_hat`` read from the optimizer's state (measurements wait for its
@@ -64,6 +73,68 @@ Example, ``per_example`` (``split`` is the same call)::
     ...     opt.step()
     >>> gns.estimate().count
     10
+
+``per_example`` on a causal transformer (``nn.TransformerEncoderLayer`` under a causal mask, tied
+embedding and head, a position embedding looked up without the batch)::
+
+    >>> class LM(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.tok, self.pos = nn.Embedding(50, 32), nn.Embedding(16, 32)
+    ...         layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    ...         self.blocks = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    ...         self.head = nn.Linear(32, 50, bias=False)
+    ...         self.head.weight = self.tok.weight
+    ...     def forward(self, idx):
+    ...         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+    ...         mask = nn.Transformer.generate_square_subsequent_mask(idx.shape[1])
+    ...         return self.head(self.blocks(x, mask=mask, is_causal=True))
+    >>> def lm_loss(logits, y):
+    ...     return nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+    >>> lm = LM()
+    >>> opt = torch.optim.AdamW(lm.parameters(), lr=1e-3)
+    >>> gns = GradientNoiseScale(lm, "per_example", loss_fn=lm_loss)
+    >>> seqs = torch.randint(0, 50, (64, 17))
+    >>> for step in range(4):
+    ...     batch = seqs[16 * (step % 4) : 16 * (step % 4 + 1)]
+    ...     opt.zero_grad()
+    ...     loss = gns.forward_backward(batch[:, :-1], batch[:, 1:])
+    ...     opt.step()
+    >>> gns.mode, gns.fallback, gns.count
+    ('per_example', None, 4)
+
+Mixed precision: pass the ``GradScaler``; norms are read in unscaled units whether ``before_step``
+comes before or after ``scaler.unscale_``, and a step whose scaled gradient is not finite (the step
+the scaler skips) is a skipped measurement, counted in ``skipped``. Autocast (fp16, bf16) needs
+nothing: wrap the forward as usual::
+
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> scaler = torch.amp.GradScaler("cpu")
+    >>> gns = GradientNoiseScale(model, "accumulation", scaler=scaler)
+    >>> for step in range(3):
+    ...     idx = torch.randint(0, 2048, (256,))
+    ...     opt.zero_grad()
+    ...     for xm, ym in zip(x[idx].split(128), y[idx].split(128)):
+    ...         with torch.autocast("cpu", torch.bfloat16):
+    ...             loss = nn.functional.cross_entropy(model(xm), ym) / 2
+    ...         scaler.scale(loss).backward()
+    ...         gns.after_backward(len(xm))
+    ...     scaler.unscale_(opt)
+    ...     _ = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    ...     gns.before_step()
+    ...     scaler.step(opt)
+    ...     scaler.update()
+    >>> gns.count
+    3
+
+Resuming: ``state_dict()`` is plain numbers; a monitor loaded from it continues the same EMA::
+
+    >>> state = gns.state_dict()  # e.g. torch.save({"model": ..., "gns": state}, path)
+    >>> gns.remove()
+    >>> resumed = GradientNoiseScale(model, "accumulation", scaler=scaler)
+    >>> resumed.load_state_dict(state)
+    >>> resumed.count
+    3
 
 ``distributed`` is called like ``accumulation`` on every rank, with the rank's local batch size:
 ``model = DDP(net); gns = GradientNoiseScale(model, "distributed")``, then per step ``loss.backward();
