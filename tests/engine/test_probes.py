@@ -436,7 +436,8 @@ def test_per_example_falls_back_to_split_for_other_layers(
         gns.forward_backward(x, y)  # trains; finds that GroupNorm's weight is beyond it
     assert gns.mode == "split"
     assert (
-        gns.fallback == "1.weight gets its gradient through an operation per_example does not know"
+        gns.fallback
+        == "1.weight (GroupNorm) gets its gradient through an operation per_example does not know"
     )
     assert "measuring with split" in caplog.text
     model.zero_grad()

@@ -290,7 +290,11 @@ class _Recorder(TorchFunctionMode):
 
     def __init__(self, model: nn.Module, params: Sequence[Tensor]) -> None:
         super().__init__()
-        self.names = {id(p): name for name, p in model.named_parameters()}
+        self.names = {  # "blocks.0.ln_1.weight (LayerNorm)": the parameter and its layer
+            id(p): f"{prefix}{'.' if prefix else ''}{name} ({type(owner).__name__})"
+            for prefix, owner in model.named_modules()
+            for name, p in owner.named_parameters(recurse=False)
+        }
         self.params = {id(p): p for p in params}
         self.batch = 0
         self.uses: list[_Use] = []
@@ -688,9 +692,9 @@ def _example_sq(terms: list, shape: torch.Size, scale: Tensor | None) -> Tensor:
     for j, k in itertools.combinations_with_replacement(range(len(terms)), 2):
         gu = _gram_u(terms[j], terms[k])
         if gu is not None:
-            total = total + (2 - (j == k)) * (gu * (terms[j][2] @ terms[k][2].transpose(1, 2))).sum(
-                (1, 2)
-            )
+            gv = terms[j][2] @ terms[k][2].transpose(1, 2)
+            dot = (gu.flatten(1).unsqueeze(1) @ gv.flatten(1).unsqueeze(2)).reshape(-1)
+            total = total + (2 - (j == k)) * dot
     return total
 
 
