@@ -364,7 +364,7 @@ class _Recorder(TorchFunctionMode):
         elif t.dim() >= 2 and t.shape[0] == batch:
             return lambda z: z.reshape(batch, -1, z.shape[-1])
         self.reasons.append(
-            f"{what} input of shape {tuple(t.shape)} does not have the batch as dimension 0"
+            f"the input of {what} (shape {tuple(t.shape)}) does not have the batch as dimension 0"
         )
         return None
 
@@ -412,32 +412,31 @@ class _Recorder(TorchFunctionMode):
 
     def _linear(self, out: Tensor, args: tuple, kwargs: dict) -> None:
         x, w, b = args[0], _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
-        found_w, found_b = self._param(w, "F.linear"), self._param(b, "F.linear")
-        if found_w is None and found_b is None:
-            return
-        layout = self._layout(x, "an F.linear")
-        if layout is None:
-            return
-        slot = _Slot(out)
-        if found_w is not None:
-            self.uses.append(_Use("matrix", found_w[0], found_w[1], slot, layout, x.detach()))
-        if found_b is not None:
-            self.uses.append(_Use("bias", found_b[0], found_b[1], slot, layout))
+        self._product(out, x, w, b, "matrix", "F.linear")
 
     def _addmm(self, out: Tensor, args: tuple, kwargs: dict) -> None:
-        b, x, w = args[0], args[1], _arg(args, kwargs, 2, "mat2")
-        found_w, found_b = self._param(w, "torch.addmm"), self._param(b, "torch.addmm")
+        if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
+            if any(id(t) in self.params for t in (args[0], _arg(args, kwargs, 2, "mat2"))):
+                self.reasons.append("torch.addmm with beta or alpha other than 1")
+            return
+        self._product(
+            out, args[1], _arg(args, kwargs, 2, "mat2"), args[0], "linear_t", "torch.addmm"
+        )
+
+    def _product(
+        self, out: Tensor, x: Tensor, w: Tensor | None, b: Tensor | None, kind: str, what: str
+    ) -> None:
+        """A weight times the input plus a bias (``kind``: the weight as ``(out, in)`` or ``(in,
+        out)``), either of them possibly a monitored parameter."""
+        found_w, found_b = self._param(w, what), self._param(b, what)
         if found_w is None and found_b is None:
             return
-        if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
-            self.reasons.append("torch.addmm with beta or alpha other than 1")
-            return
-        layout = self._layout(x, "a torch.addmm")
+        layout = self._layout(x, what)
         if layout is None:
             return
         slot = _Slot(out)
         if found_w is not None:
-            self.uses.append(_Use("linear_t", found_w[0], found_w[1], slot, layout, x.detach()))
+            self.uses.append(_Use(kind, found_w[0], found_w[1], slot, layout, x.detach()))
         if found_b is not None:
             self.uses.append(_Use("bias", found_b[0], found_b[1], slot, layout))
 
