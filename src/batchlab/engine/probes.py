@@ -683,18 +683,31 @@ def _example_sq(terms: list, shape: torch.Size, scale: Tensor | None) -> Tensor:
             torch.linalg.vector_norm(u[:, 0], dim=1) * torch.linalg.vector_norm(v[:, 0], dim=1)
         ).square()
     rows, cols = shape[0], math.prod(shape[1:])
-    length = sum(u.shape[1] for _, u, _, _ in terms)
-    gram = length * length * (cols + rows / len(terms))
-    if scale is not None or gram > length * rows * cols:
+    steps = [(kind, u.shape[1], u.shape[2] if kind == "dense" else 1) for kind, u, _, _ in terms]
+    gram = sum(t_j * t_k * (cols + min(r_j, r_k)) for (_, t_j, r_j), (_, t_k, r_k) in _pairs(steps))
+    made = sum(t * (r * cols if kind == "dense" else cols) for kind, t, r in steps) + rows * cols
+    if scale is not None or 0.5 * gram > made:  # the symmetric pieces below halve the Gram cost
         return _materialise(terms, shape, scale)
+    # Pieces of at most 32 positions: the Gram matrix is symmetric, so only the blocks on and
+    # below the diagonal are computed.
+    pieces = [
+        (kind, u_p, v_p, row)
+        for kind, u, v, row in terms
+        for u_p, v_p in zip(u.split(32, 1), v.split(32, 1), strict=True)
+    ]
     total = 0
-    for j, k in itertools.combinations_with_replacement(range(len(terms)), 2):
-        gu = _gram_u(terms[j], terms[k])
+    for (j, a), (k, b) in _pairs(list(enumerate(pieces))):
+        gu = _gram_u(a, b)
         if gu is not None:
-            gv = terms[j][2] @ terms[k][2].transpose(1, 2)
-            dot = (gu.flatten(1).unsqueeze(1) @ gv.flatten(1).unsqueeze(2)).reshape(-1)
+            gv = a[2] @ b[2].transpose(1, 2)
+            dot = torch.linalg.vecdot(gu.flatten(1), gv.flatten(1))
             total = total + (2 - (j == k)) * dot
     return total
+
+
+def _pairs(items: list) -> Iterator[tuple]:
+    """Unordered pairs of ``items``, each with itself included."""
+    return itertools.combinations_with_replacement(items, 2)
 
 
 def _gram_u(a: tuple, b: tuple) -> Tensor | None:
