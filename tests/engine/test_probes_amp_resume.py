@@ -120,6 +120,31 @@ def test_bf16_autocast_matches_float32(mode: str, attention: str) -> None:
     assert (g.grad_sq, g.trace_cov) == pytest.approx((w.grad_sq, w.trace_cov), rel=2e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["split", "per_example"])
+def test_cuda_fp16_autocast_with_grad_scaler_matches_float32(mode: str) -> None:
+    def run(amp: bool) -> GradientNoiseScale:
+        torch.manual_seed(0)
+        model = TinyGPT(attention="torch").cuda()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: every step sees the same weights
+        scaler = torch.amp.GradScaler("cuda", enabled=amp)
+        gns = GradientNoiseScale(model, mode, loss_fn=lm_loss, scaler=scaler)
+        for seed in range(3):
+            x, y = (t.cuda() for t in tokens(16, seed))
+            opt.zero_grad()
+            with torch.autocast("cuda", torch.float16, enabled=amp):
+                gns.forward_backward(x, y)
+            scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+        return gns
+
+    want, got = run(False), run(True)
+    assert got.mode == mode and got.fallback is None
+    w, g = want.estimate(), got.estimate()
+    assert (g.grad_sq, g.trace_cov) == pytest.approx((w.grad_sq, w.trace_cov), rel=2e-2)
+
+
 # ----- resume -----
 
 

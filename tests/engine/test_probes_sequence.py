@@ -56,7 +56,7 @@ class TorchAttention(nn.Module):
         self.mha = nn.MultiheadAttention(WIDTH, HEADS, batch_first=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).triu(1)
         return self.mha(x, x, x, attn_mask=mask, need_weights=False)[0]
 
 
