@@ -1,7 +1,9 @@
 """Step-time overhead of each GradientNoiseScale mode against the same loop without it, in one run.
 
 ``fashion-mlp`` (784-256-256-10, SGD with momentum) at batch 512, one torch thread: the step is
-``zero_grad``, forward, backward and ``optimizer.step()``. Baselines: plain training for ``split`` (4
+``zero_grad``, forward, backward and ``optimizer.step()``. ``per_example-transformer``: the same against
+plain training of a small byte-level causal transformer (2 ``nn.TransformerEncoderLayer`` blocks of
+width 128, 4 heads, 64 tokens, tied embedding and head; ``--lm-batch`` sequences of random bytes). Baselines: plain training for ``split`` (4
 ways) and ``per_example``; the same 4 x 128 accumulation loop for ``accumulation``; plain 2-rank DDP
 (gloo, 256 per rank, one process per rank) for ``distributed``. Each number is the median over
 ``--repeats`` blocks of ``--steps`` steps, variants alternating so they share the machine's noise;
@@ -9,7 +11,7 @@ wall-clock step time and, for a machine shared with other work, the process's CP
 Falls back to random data of Fashion-MNIST's shape when the dataset is not installed (timing does not
 depend on the values).
 
-    python benchmarks/bench_noise.py [--batch-size 512] [--steps 8] [--repeats 25] [--json]
+    python benchmarks/bench_noise.py [--batch-size 512] [--lm-batch 32] [--steps 8] [--repeats 25] [--json]
 """
 
 from __future__ import annotations
@@ -36,13 +38,21 @@ from batchlab.engine.probes import GradientNoiseScale
 from batchlab.engine.spec import SpecError
 from batchlab.engine.tasks import get_task
 
-TARGETS = {"accumulation": 0.05, "distributed": 0.05, "per_example": 0.50, "split": 0.25}
+TARGETS = {
+    "accumulation": 0.05,
+    "distributed": 0.05,
+    "per_example": 0.50,
+    "split": 0.25,
+    "per_example-transformer": 0.30,
+}
 BASELINES = {
     "accumulation": "plain-accumulation",
     "distributed": "plain-ddp",
     "split": "plain",
     "per_example": "plain",
+    "per_example-transformer": "plain",
 }
+LM_VOCAB, LM_WIDTH, LM_SEQ, LM_HEADS = 256, 128, 64, 4
 LOCAL_MODES = ("accumulation", "split", "per_example")
 POOL = 8  # distinct batches cycled through
 
@@ -63,6 +73,40 @@ def fashion_mlp(batch_size: int) -> tuple[nn.Module, Tensor, Tensor, str]:
             nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
         )
         return model, x, y, "random (Fashion-MNIST not installed)"
+
+
+class CausalLM(nn.Module):
+    """Byte-level causal transformer: token + position embeddings, pre-norm encoder blocks under a
+    causal mask, final LayerNorm, a head tied to the token embedding."""
+
+    def __init__(self, layers: int = 2) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(LM_VOCAB, LM_WIDTH), nn.Embedding(LM_SEQ, LM_WIDTH)
+        block = nn.TransformerEncoderLayer(
+            LM_WIDTH, LM_HEADS, 4 * LM_WIDTH, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(LM_WIDTH)
+        self.head = nn.Linear(LM_WIDTH, LM_VOCAB, bias=False)
+        self.head.weight = self.tok.weight
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(LM_SEQ))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        return self.head(self.norm(self.blocks(x, mask=self.mask, is_causal=True)))
+
+
+def lm_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean next-token cross-entropy."""
+    return nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+def lm_batches(batch_size: int) -> tuple[nn.Module, list[Tensor], list[Tensor]]:
+    """The model and ``POOL`` batches of random byte sequences with next-byte targets."""
+    gen = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, LM_VOCAB, (POOL, batch_size, LM_SEQ + 1), generator=gen)
+    torch.manual_seed(0)
+    return CausalLM(), list(seq[..., :-1]), list(seq[..., 1:])
 
 
 def timed(step: Callable[[], None], steps: int, device: torch.device) -> tuple[float, float]:
@@ -108,10 +152,14 @@ def measure_pairs(
 
 
 def make_step(
-    kind: str, model: nn.Module, xs: list[Tensor], ys: list[Tensor], n_micro: int
+    kind: str,
+    model: nn.Module,
+    xs: list[Tensor],
+    ys: list[Tensor],
+    n_micro: int,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
 ) -> Callable[[], None]:
     """One training step of ``kind``: plain, plain-accumulation, or a monitor mode."""
-    loss_fn = nn.functional.cross_entropy
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     monitored = kind in TARGETS
     gns = GradientNoiseScale(model, kind, loss_fn=loss_fn, n_micro=n_micro) if monitored else None
@@ -149,6 +197,13 @@ def local_runs(
         return make_step(kind, copy.deepcopy(model).to(device), xs, ys, args.n_micro)
 
     pairs = {mode: (step(BASELINES[mode]), step(mode)) for mode in LOCAL_MODES}
+    lm, lm_xs, lm_ys = lm_batches(args.lm_batch)
+
+    def lm_step(kind: str) -> Callable[[], None]:
+        xs, ys = [x.to(device) for x in lm_xs], [y.to(device) for y in lm_ys]
+        return make_step(kind, copy.deepcopy(lm).to(device), xs, ys, args.n_micro, lm_loss)
+
+    pairs["per_example-transformer"] = (lm_step("plain"), lm_step("per_example"))
     return measure_pairs(pairs, args, device), data
 
 
@@ -210,6 +265,7 @@ def main() -> None:
     ap.add_argument(
         "--n-micro", type=int, default=4, help="micro-batches of split and accumulation"
     )
+    ap.add_argument("--lm-batch", type=int, default=32, help="sequences per transformer batch")
     ap.add_argument("--steps", type=int, default=8, help="steps per timed block")
     ap.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     args, threads = parse_args(ap, repeats=25)
@@ -228,6 +284,7 @@ def main() -> None:
         "distributed_ranks": "2 cpu processes, gloo" if "distributed" in rows else None,
         "threads": threads,
         "batch_size": args.batch_size,
+        "lm_batch": args.lm_batch,
         "n_micro": args.n_micro,
         "steps": args.steps,
         "repeats": args.repeats,

@@ -2,7 +2,9 @@
 
 The package is layered (see DESIGN.md): ``batchlab.core`` is pure math (numpy only), ``engine`` trains
 with torch, ``sweep`` plans and stores runs, ``analysis`` and ``report`` read the store, ``reproduce``
-tests the classic claims. Heavy submodules load lazily so ``import batchlab.core`` never imports torch.
+tests the classic claims. The user-facing API is importable from here (``from batchlab import
+GradientNoiseScale, advise, lr_range_test, ...``); names load lazily, so ``import batchlab`` and
+``batchlab.core`` never import torch.
 """
 
 from __future__ import annotations
@@ -13,6 +15,17 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "GradientNoiseScale": "batchlab.engine.probes",
+    "per_example_grad_norms": "batchlab.engine.probes",
+    "lr_range_test": "batchlab.engine.lr_finder",
+    "lr_find": "batchlab.engine.lr_finder",
+    "top_hessian_eigenvalue": "batchlab.engine.sharpness",
+    "keskar_sharpness": "batchlab.engine.sharpness",
+    "GhostBatchNorm": "batchlab.engine.ghost_bn",
+    "advise": "batchlab.core.rules",
+    "apply_rule": "batchlab.core.rules",
+    "Advice": "batchlab.core.rules",
+    "RuleResult": "batchlab.core.rules",
+    "NoiseEstimate": "batchlab.core.noise",
     "RunSpec": "batchlab.engine.spec",
     "RunResult": "batchlab.engine.spec",
     "train": "batchlab.engine.train",

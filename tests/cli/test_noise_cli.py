@@ -165,7 +165,7 @@ from torch import nn
 from batchlab.engine.tasks import get_task, seeded_model_factory
 
 
-class Scaled(nn.Module):  # a parameter outside Linear / conv layers: no per-example norms
+class Scaled(nn.Module):  # a parameter used outside the functions per_example knows
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))

@@ -428,13 +428,19 @@ def test_distributed_two_ranks_equal_accumulation_over_two_micro_batches(
 def test_per_example_falls_back_to_split_for_other_layers(
     mnist1d: tuple[Tensor, Tensor], caplog: pytest.LogCaptureFixture
 ) -> None:
-    model = nn.Sequential(nn.Linear(40, 16), nn.LayerNorm(16), nn.Linear(16, 10))
-    with caplog.at_level(logging.WARNING):
-        gns = GradientNoiseScale(model, "per_example", loss_fn=ce)
-    assert gns.mode == "split" and "LayerNorm" in gns.fallback
-    assert "measuring with split" in caplog.text
+    model = nn.Sequential(nn.Linear(40, 16), nn.GroupNorm(4, 16), nn.Linear(16, 10))
     x, y = mnist1d[0][:32], mnist1d[1][:32]
     want = plain_grads(model, x, y)
+    gns = GradientNoiseScale(model, "per_example", loss_fn=ce)
+    with caplog.at_level(logging.WARNING):
+        gns.forward_backward(x, y)  # trains; finds that GroupNorm's weight is beyond it
+    assert gns.mode == "split"
+    assert (
+        gns.fallback
+        == "1.weight (GroupNorm) gets its gradient through an operation per_example does not know"
+    )
+    assert "measuring with split" in caplog.text
+    model.zero_grad()
     measure_twice(gns, model, x, y)
     assert gns.count == 2
     gns.forward_backward(x, y)

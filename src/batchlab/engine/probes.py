@@ -15,11 +15,20 @@ norms at two batch sizes and feeds them to the estimators of :mod:`batchlab.core
 - ``split``: for loops that have neither, :meth:`forward_backward` runs ``n_micro`` forward and
   backward passes on slices of the batch (sizes may differ by one: the estimator weights them
   exactly), read by the same hooks; it costs what smaller batches cost on the hardware.
-- ``per_example``: per-example gradient norms from one ordinary backward for models built of
-  ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (Goodfellow 2015: ``|g_i|^2`` from each layer's input
-  and output gradient, with the Gram form of Li et al. 2022 for sequences). Models with other
-  parameterised layers, shared weights or inputs whose first dimension is not the batch fall back to
-  ``split``; the monitor logs why and keeps it in ``fallback``.
+- ``per_example``: per-example gradient norms from one ordinary backward (Goodfellow 2015: ``|g_i|^2``
+  from each layer's input and output gradient). During the forward a ``TorchFunctionMode`` sees every
+  parameter enter through ``F.linear`` (``nn.Linear``, ``nn.MultiheadAttention``'s packed
+  in-projection and ``out_proj``), ``torch.addmm`` (Hugging Face's ``Conv1D``), ``F.embedding``
+  (index collisions inside an example add up; a lookup without the batch, nanoGPT's ``wpe(pos)``,
+  gets its per-example gradient from the sum it is broadcast into), ``F.conv1d/2d``, ``F.layer_norm``
+  and ``F.rms_norm`` (weight and bias; Gray et al. 2024). On sequences a weight's per-example squared
+  norm comes from the Gram matrices ``sum_{t,t'} (a_t.a_t')(g_t.g_t')`` or from the materialised
+  per-example gradient, whichever is cheaper (the ghost norm of Li et al. 2022); a weight used twice
+  (an embedding tied to the output head) adds its uses' cross terms. The first measured step checks
+  that the shares add up to each parameter's gradient; a model that goes beyond this (another
+  parameterised function, a parameter also used elsewhere, a batch not in dimension 0) falls back to
+  ``split``: the monitor logs why and keeps it in ``fallback``. :func:`per_example_grad_norms` gives
+  the norms themselves.
 
 ``precondition=adam_optimizer`` measures the noise scale of the Adam-preconditioned gradient
 ``g / (sqrt(v_hat) + eps)`` with ``v_hat`` read from the optimizer's state (measurements wait for its
@@ -65,6 +74,68 @@ Example, ``per_example`` (``split`` is the same call)::
     >>> gns.estimate().count
     10
 
+``per_example`` on a causal transformer (``nn.TransformerEncoderLayer`` under a causal mask, tied
+embedding and head, a position embedding looked up without the batch)::
+
+    >>> class LM(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.tok, self.pos = nn.Embedding(50, 32), nn.Embedding(16, 32)
+    ...         layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    ...         self.blocks = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    ...         self.head = nn.Linear(32, 50, bias=False)
+    ...         self.head.weight = self.tok.weight
+    ...     def forward(self, idx):
+    ...         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+    ...         mask = nn.Transformer.generate_square_subsequent_mask(idx.shape[1])
+    ...         return self.head(self.blocks(x, mask=mask, is_causal=True))
+    >>> def lm_loss(logits, y):
+    ...     return nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+    >>> lm = LM()
+    >>> opt = torch.optim.AdamW(lm.parameters(), lr=1e-3)
+    >>> gns = GradientNoiseScale(lm, "per_example", loss_fn=lm_loss)
+    >>> seqs = torch.randint(0, 50, (64, 17))
+    >>> for step in range(4):
+    ...     batch = seqs[16 * (step % 4) : 16 * (step % 4 + 1)]
+    ...     opt.zero_grad()
+    ...     loss = gns.forward_backward(batch[:, :-1], batch[:, 1:])
+    ...     opt.step()
+    >>> gns.mode, gns.fallback, gns.count
+    ('per_example', None, 4)
+
+Mixed precision: pass the ``GradScaler``; norms are read in unscaled units whether ``before_step``
+comes before or after ``scaler.unscale_``, and a step whose scaled gradient is not finite (the step
+the scaler skips) is a skipped measurement, counted in ``skipped``. Autocast (fp16, bf16) needs
+nothing: wrap the forward as usual::
+
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> scaler = torch.amp.GradScaler("cpu")
+    >>> gns = GradientNoiseScale(model, "accumulation", scaler=scaler)
+    >>> for step in range(3):
+    ...     idx = torch.randint(0, 2048, (256,))
+    ...     opt.zero_grad()
+    ...     for xm, ym in zip(x[idx].split(128), y[idx].split(128)):
+    ...         with torch.autocast("cpu", torch.bfloat16):
+    ...             loss = nn.functional.cross_entropy(model(xm), ym) / 2
+    ...         scaler.scale(loss).backward()
+    ...         gns.after_backward(len(xm))
+    ...     scaler.unscale_(opt)
+    ...     _ = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    ...     gns.before_step()
+    ...     scaler.step(opt)
+    ...     scaler.update()
+    >>> gns.count
+    3
+
+Resuming: ``state_dict()`` is plain numbers; a monitor loaded from it continues the same EMA::
+
+    >>> state = gns.state_dict()  # e.g. torch.save({"model": ..., "gns": state}, path)
+    >>> gns.remove()
+    >>> resumed = GradientNoiseScale(model, "accumulation", scaler=scaler)
+    >>> resumed.load_state_dict(state)
+    >>> resumed.count
+    3
+
 ``distributed`` is called like ``accumulation`` on every rank, with the rank's local batch size:
 ``model = DDP(net); gns = GradientNoiseScale(model, "distributed")``, then per step ``loss.backward();
 gns.after_backward(len(x_local)); gns.before_step(); opt.step()``, and ``gns.sync()`` on every rank
@@ -73,20 +144,26 @@ before a final ``gns.estimate()``. Every rank gets the same estimate.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.amp.grad_scaler import OptState
 from torch.nn.parallel import DistributedDataParallel
+from torch.overrides import TorchFunctionMode
 
+from batchlab.core import noise as noise_module
 from batchlab.core.noise import NoiseEMA, NoiseEstimate, effective_batches, two_batch_estimate
 from batchlab.engine.spec import SpecError
 
@@ -159,145 +236,518 @@ def _micro_batch_resolver(
     return resolve
 
 
+class _Slot:
+    """Holds the gradient that backward delivers to one forward output."""
+
+    def __init__(self, out: Tensor) -> None:
+        self.grad: Tensor | None = None
+        out.register_hook(self._keep)
+
+    def _keep(self, grad: Tensor) -> None:
+        self.grad = grad.detach()
+
+
 @dataclass
-class _Call:
-    """One forward call of a hooked layer: its input and, after backward, its output gradient."""
+class _Use:
+    """One way a monitored parameter entered the forward, made into per-example shares later.
 
-    inp: Tensor | None
-    grad_out: Tensor | None = None
+    ``kind``: ``"matrix"`` (``grad_i = sum_t u_t v_t^T`` over rows ``[row, row + rows)``; ``u`` an
+    index tensor for an embedding), ``"linear_t"`` (the same with ``u`` and ``v`` swapped: a Hugging
+    Face ``Conv1D``), ``"bias"`` (``sum_t d_t``), ``"norm"`` (``sum_t d_t * xhat_t``).
+    """
 
-
-def _supported(module: nn.Module) -> bool:
-    """Layers whose per-example gradient norms the hooks compute exactly (exact types only)."""
-    if type(module) is nn.Linear:
-        return True
-    return (
-        type(module) in (nn.Conv1d, nn.Conv2d)
-        and module.groups == 1
-        and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
-    )
+    kind: str
+    param: Tensor
+    row: int
+    slot: _Slot
+    layout: Callable[[Tensor], Tensor]  # (B, ...) tensor of the call -> (B, T, features)
+    data: Tensor | None = None  # input (matrix, norm) or indices (embedding)
+    extra: dict = field(default_factory=dict)
 
 
-def _unsupported(model: nn.Module) -> list[str]:
-    """Why per-example norms of ``model`` cannot be computed (empty when they can)."""
-    reasons, owners = [], Counter[int]()
-    for name, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if own and not _supported(module):
-            reasons.append(f"{name or 'model'} ({type(module).__name__})")
-        owners.update(id(p) for p in own)
-    if any(n > 1 for n in owners.values()):
-        reasons.append("weights shared between layers")
-    return reasons
+# Functions whose parameter arguments per_example understands (everything else a parameter goes
+# through is caught by the first step's check that the shares add up to the gradient).
+_LINEAR, _EMBEDDING = F.linear, F.embedding
+_CONVS = {F.conv1d: 1, F.conv2d: 2}
+_ADDS = {torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.add, torch.add}
 
 
-def _as_sequence(module: nn.Module, call: _Call) -> tuple[Tensor, Tensor]:
-    """Input and output gradient of one call as ``(B, T, in)`` and ``(B, T, out)`` float tensors."""
-    a, d = _wide(call.inp), _wide(call.grad_out)
-    if isinstance(module, nn.Linear):
-        return a.reshape(a.shape[0], -1, a.shape[-1]), d.reshape(d.shape[0], -1, d.shape[-1])
-    if isinstance(module, nn.Conv1d):  # as a (1, k) Conv2d on a height-1 image
-        a, d = a.unsqueeze(2), d.unsqueeze(2)
-        kernel, dilation = (1, *module.kernel_size), (1, *module.dilation)
-        padding, stride = (0, *module.padding), (1, *module.stride)
-    else:
-        kernel, dilation, padding, stride = (
-            module.kernel_size,
-            module.dilation,
-            module.padding,
-            module.stride,
-        )
-    cols = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
-    return cols.transpose(1, 2), d.flatten(2).transpose(1, 2)
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default=None):
+    return args[i] if len(args) > i else kwargs.get(name, default)
 
 
-def _row_norms(t: Tensor) -> Tensor:
-    """Norm of each example's slice of ``t`` (no squared copy of ``t``)."""
-    return torch.linalg.vector_norm(t.flatten(1), dim=1)
+def _pair(v: int | Sequence[int], n: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, Sequence) else (v,) * n
 
 
-def _weight_sq(a: Tensor, d: Tensor, scale: Tensor | None) -> Tensor:
-    """``|sum_t d_t a_t^T|^2`` (times ``scale^2`` entrywise) for each example: shape ``(B,)``."""
-    t, width_in = a.shape[1:]
-    width_out = d.shape[2]
-    if t == 1 and scale is None:
-        return (_row_norms(a) * _row_norms(d)).square()
-    if t == 1:
-        return (d[:, 0].pow(2) @ scale.pow(2) * a[:, 0].pow(2)).sum(1)
-    if scale is None and t * (width_in + width_out) <= width_in * width_out:  # Gram form
-        return ((a @ a.transpose(1, 2)) * (d @ d.transpose(1, 2))).sum((1, 2))
-    chunk = max(1, _MATERIALIZE_ELEMENTS // (width_in * width_out))
-    out = []
-    for a_c, d_c in zip(a.split(chunk), d.split(chunk), strict=True):
-        g = d_c.transpose(1, 2) @ a_c  # (chunk, out, in) per-example weight gradients
-        out.append((g if scale is None else g * scale).pow(2).sum((1, 2)))
-    return torch.cat(out)
+class _Recorder(TorchFunctionMode):
+    """Watches one forward (a ``TorchFunctionMode``) for the functions through which monitored
+    parameters enter (``F.linear``, ``torch.addmm``, ``F.embedding``, ``F.conv1d/2d``,
+    ``F.layer_norm``, ``F.rms_norm``) and keeps what their per-example gradients need: the input and,
+    after backward, the output gradient. ``nn.MultiheadAttention`` (its packed in-projection and
+    ``out_proj`` go through ``F.linear`` with the sequence first) and Hugging Face's ``Conv1D`` (an
+    ``addmm`` of the flattened input) set the layout their calls use."""
 
-
-class _PerExampleHooks:
-    """Forward hooks on every parameterised layer that record inputs and output gradients."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.modules = [
-            m for m in model.modules() if any(p.requires_grad for p in m.parameters(False))
-        ]
-        self.calls: dict[nn.Module, list[_Call]] = {}
-        self.active = False
+    def __init__(self, model: nn.Module, params: Sequence[Tensor]) -> None:
+        super().__init__()
+        self.names = {  # "blocks.0.ln_1.weight (LayerNorm)": the parameter and its layer
+            id(p): f"{prefix}{'.' if prefix else ''}{name} ({type(owner).__name__})"
+            for prefix, owner in model.named_modules()
+            for name, p in owner.named_parameters(recurse=False)
+        }
+        self.params = {id(p): p for p in params}
+        self.batch = 0
+        self.uses: list[_Use] = []
+        self.reasons: list[str] = []
+        self.lookups: dict[int, _Use] = {}  # id(output) -> embedding lookup without a batch dim
+        self.broadcast: dict[
+            int, tuple[_Slot, torch.Size]
+        ] = {}  # id(_Use) -> add that broadcast it
+        self.layouts: list[str] = []
         self.checked = False
-        self.handles = [m.register_forward_hook(self._forward) for m in self.modules]
+        self.handles = []
+        for m in model.modules():
+            kind = _layout_kind(m)
+            if kind is not None:
+                self.handles.append(m.register_forward_pre_hook(self._enter(kind)))
+                self.handles.append(m.register_forward_hook(self._leave, always_call=True))
 
-    def _forward(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        if not self.active or not output.requires_grad:
-            return
-        call = _Call(inputs[0].detach() if inputs else None)  # None: called with keywords
-        self.calls.setdefault(module, []).append(call)
+    def _enter(self, kind: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.layouts.append(kind)
 
-        def keep(grad: Tensor) -> None:
-            call.grad_out = grad.detach()
+        return hook
 
-        output.register_hook(keep)
+    def _leave(self, module: nn.Module, args: tuple, output: object) -> None:
+        if self.layouts:
+            self.layouts.pop()
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
 
-    def sq_norms(self, batch: int, grads: dict[Tensor, Tensor], scales: Scales) -> Tensor | str:
-        """``|h_i|^2`` per example, ``h_i`` its share of the batch gradient; a reason on failure."""
-        parts = []
-        for module in self.modules:
-            calls = self.calls.get(module, [])
-            weight, bias = module.weight, module.bias
-            if weight not in grads and (bias is None or bias not in grads):
-                continue
-            if not calls or any(
-                c.inp is None
-                or c.grad_out is None
-                or c.inp.shape[0] != batch
-                or c.grad_out.shape[0] != batch
-                for c in calls
-            ):
-                return f"a {type(module).__name__} input does not have the batch as dimension 0"
-            pairs = [_as_sequence(module, c) for c in calls]
-            a, d = (
-                pairs[0] if len(pairs) == 1 else (torch.cat(z, 1) for z in zip(*pairs, strict=True))
+    def clear(self) -> None:
+        self.uses, self.reasons, self.layouts = [], [], []
+        self.lookups.clear()
+        self.broadcast.clear()
+
+    def _param(self, t: Tensor | None, what: str) -> tuple[Tensor, int] | None:
+        """The monitored parameter ``t`` is (row offset 0) or a block of rows of; ``None`` if not."""
+        if t is None:
+            return None
+        if id(t) in self.params:
+            return self.params[id(t)], 0
+        base = t._base
+        if base is None or id(base) not in self.params:
+            return None
+        rows = base.stride(0) if base.dim() else 1
+        offset = t.storage_offset() - base.storage_offset()
+        if t.stride() != base.stride() or offset % rows or t.shape[1:] != base.shape[1:]:
+            self.reasons.append(f"{self.names[id(base)]} enters {what} as a view other than rows")
+            return None
+        return base, offset // rows
+
+    def _layout(self, t: Tensor, what: str) -> Callable[[Tensor], Tensor] | None:
+        """How to bring this call's tensors to ``(B, T, features)``; ``None`` (and a reason) if the
+        batch is not where the layout says."""
+        batch, kind = self.batch, self.layouts[-1] if self.layouts else "batch_first"
+        if kind == "seq_first":  # inside MultiheadAttention: (T, B, E) or (T * B, E)
+            ok = (t.dim() == 3 and t.shape[1] == batch) or (
+                t.dim() == 2 and t.shape[0] % batch == 0
             )
-            if not self.checked and weight in grads:  # once: do the shares add up to the gradient?
-                grad = _wide(grads[weight])
-                summed = torch.einsum("bto,bti->oi", d, a).reshape(weight.shape)
-                if torch.linalg.vector_norm(summed - grad) > 1e-2 * torch.linalg.vector_norm(grad):
-                    return "a layer's weight also enters the loss outside its forward"
-            if weight in grads:
-                w_scale = None if scales is None else scales[weight].reshape(d.shape[2], -1)
-                parts.append(_weight_sq(a, d, w_scale))
-            if bias is not None and bias in grads:
-                b_grad = d.sum(1) if scales is None else d.sum(1) * scales[bias]
-                parts.append(_row_norms(b_grad).square())
-        if not parts:
-            return "no gradient reached a Linear or conv layer"
+            if ok:
+                return lambda z: z.reshape(-1, batch, z.shape[-1]).transpose(0, 1)
+        elif kind == "flat":  # inside Conv1D: (B * T, in)
+            if t.dim() == 2 and t.shape[0] % batch == 0:
+                return lambda z: z.reshape(batch, -1, z.shape[-1])
+        elif t.dim() >= 2 and t.shape[0] == batch:
+            return lambda z: z.reshape(batch, -1, z.shape[-1])
+        self.reasons.append(
+            f"the input of {what} (shape {tuple(t.shape)}) does not have the batch as dimension 0"
+        )
+        return None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:
+            return self._attention(func, args, kwargs)
+        out = func(*args, **kwargs)
+        if not isinstance(out, Tensor) or not out.requires_grad:
+            return out
+        if func is _LINEAR:
+            self._linear(out, args, kwargs)
+        elif func is torch.addmm:
+            self._addmm(out, args, kwargs)
+        elif func is _EMBEDDING:
+            self._embedding(out, args, kwargs)
+        elif func in _CONVS:
+            self._conv(out, args, kwargs, _CONVS[func])
+        elif func in (F.layer_norm, F.rms_norm):
+            self._norm(out, args, kwargs, func is F.layer_norm)
+        elif func in _ADDS and self.lookups:
+            self._add(out, args)
+        return out
+
+    def _attention(self, func: Callable, args: tuple, kwargs: dict) -> object:
+        """``nn.MultiheadAttention``'s functional body, run with its ``linear`` calls (packed
+        in-projection, ``out_proj``; sequence first) recorded: the mode does not see inside a
+        function that dispatched to it, so the module global is swapped for the call."""
+        namespace, plain = func.__globals__, func.__globals__["linear"]
+        thread = threading.get_ident()
+
+        def linear(*a: object, **kw: object) -> Tensor:
+            out = plain(*a, **kw)
+            if threading.get_ident() == thread and isinstance(out, Tensor) and out.requires_grad:
+                self._linear(out, a, kw)
+            return out
+
+        self.layouts.append("seq_first")
+        namespace["linear"] = linear
+        try:
+            return func(*args, **kwargs)
+        finally:
+            namespace["linear"] = plain
+            self.layouts.pop()
+
+    def _linear(self, out: Tensor, args: tuple, kwargs: dict) -> None:
+        x, w, b = args[0], _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+        self._product(out, x, w, b, "matrix", "F.linear")
+
+    def _addmm(self, out: Tensor, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
+            if any(id(t) in self.params for t in (args[0], _arg(args, kwargs, 2, "mat2"))):
+                self.reasons.append("torch.addmm with beta or alpha other than 1")
+            return
+        self._product(
+            out, args[1], _arg(args, kwargs, 2, "mat2"), args[0], "linear_t", "torch.addmm"
+        )
+
+    def _product(
+        self, out: Tensor, x: Tensor, w: Tensor | None, b: Tensor | None, kind: str, what: str
+    ) -> None:
+        """A weight times the input plus a bias (``kind``: the weight as ``(out, in)`` or ``(in,
+        out)``), either of them possibly a monitored parameter."""
+        found_w, found_b = self._param(w, what), self._param(b, what)
+        if found_w is None and found_b is None:
+            return
+        layout = self._layout(x, what)
+        if layout is None:
+            return
+        slot = _Slot(out)
+        if found_w is not None:
+            self.uses.append(_Use(kind, found_w[0], found_w[1], slot, layout, x.detach()))
+        if found_b is not None:
+            self.uses.append(_Use("bias", found_b[0], found_b[1], slot, layout))
+
+    def _embedding(self, out: Tensor, args: tuple, kwargs: dict) -> None:
+        idx, w = args[0], _arg(args, kwargs, 1, "weight")
+        found = self._param(w, "F.embedding")
+        if found is None:
+            return
+        if _arg(args, kwargs, 5, "scale_grad_by_freq", False) or _arg(
+            args, kwargs, 6, "sparse", False
+        ):
+            self.reasons.append(
+                f"{self.names[id(w)]}: an embedding with scale_grad_by_freq or sparse gradients"
+            )
+            return
+        padding = _arg(args, kwargs, 2, "padding_idx")
+        extra = {"padding": None if padding is None else padding % w.shape[0]}
+        use = _Use("matrix", found[0], 0, _Slot(out), lambda z: z, idx.detach(), extra)
+        self.uses.append(use)
+        if idx.dim() == 0 or idx.dim() == 1 or idx.shape[0] != self.batch or self.batch == 1:
+            self.lookups[id(out)] = use  # maybe looked up without the batch: see _add
+
+    def _add(self, out: Tensor, args: tuple) -> None:
+        """``tok + pos``: an embedding output without the batch, broadcast over it; its per-example
+        gradient is the sum of the sum's output gradient over the positions it was added to."""
+        batch = self.batch
+        for arg in args[:2]:
+            use = self.lookups.get(id(arg)) if isinstance(arg, Tensor) else None
+            broadcasts = (
+                use is not None
+                and out.dim() >= 2
+                and out.shape[0] == batch
+                and (arg.dim() < out.dim() or arg.shape[0] == 1)
+            )
+            if broadcasts:
+                self.broadcast[id(use)] = (_Slot(out), out.shape)
+
+    def _conv(self, out: Tensor, args: tuple, kwargs: dict, dims: int) -> None:
+        x, w, b = args[0], _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+        found_w, found_b = self._param(w, "a convolution"), self._param(b, "a convolution")
+        if found_w is None and found_b is None:
+            return
+        stride, padding = _arg(args, kwargs, 3, "stride", 1), _arg(args, kwargs, 4, "padding", 0)
+        dilation, groups = _arg(args, kwargs, 5, "dilation", 1), _arg(args, kwargs, 6, "groups", 1)
+        if groups != 1 or padding == "same":
+            self.reasons.append("a convolution with groups > 1 or padding='same'")
+            return
+        if x.shape[0] != self.batch or x.dim() != dims + 2:
+            self.reasons.append("a convolution input does not have the batch as dimension 0")
+            return
+        padding = 0 if padding == "valid" else padding
+        geometry = [
+            (extra, *_pair(v, 1)) if dims == 1 else _pair(v, 2)
+            for v, extra in ((stride, 1), (padding, 0), (dilation, 1))
+        ]
+        kernel = w.shape[2:] if dims == 2 else (1, *w.shape[2:])
+        spatial = x.unsqueeze(2) if dims == 1 else x
+
+        def cols(z: Tensor) -> Tensor:  # (B, positions, in * kernel)
+            s, p, d = geometry
+            return F.unfold(z, kernel, dilation=d, padding=p, stride=s).transpose(1, 2)
+
+        slot = _Slot(out)
+        grad_layout = lambda z: z.flatten(2).transpose(1, 2)  # noqa: E731  (B, out, ...) -> (B, positions, out)
+        if found_w is not None:
+            use = _Use("matrix", found_w[0], found_w[1], slot, grad_layout, spatial.detach())
+            use.extra["cols"] = cols
+            self.uses.append(use)
+        if found_b is not None:
+            self.uses.append(_Use("bias", found_b[0], found_b[1], slot, grad_layout))
+
+    def _norm(self, out: Tensor, args: tuple, kwargs: dict, layer: bool) -> None:
+        x, shape = args[0], tuple(_arg(args, kwargs, 1, "normalized_shape"))
+        w = _arg(args, kwargs, 2, "weight")
+        b = _arg(args, kwargs, 3, "bias") if layer else None
+        eps = _arg(args, kwargs, 4 if layer else 3, "eps", 1e-5 if layer else None)
+        found_w, found_b = self._param(w, "a normalization"), self._param(b, "a normalization")
+        if found_w is None and found_b is None:
+            return
+        if x.dim() < 2 or x.shape[0] != self.batch:
+            self.reasons.append("a normalization input does not have the batch as dimension 0")
+            return
+        batch, width = self.batch, math.prod(shape)
+        layout = lambda z: z.reshape(batch, -1, width)  # noqa: E731
+        slot = _Slot(out)
+        if found_w is not None:
+            use = _Use("norm", found_w[0], found_w[1], slot, layout, x.detach())
+            use.extra.update(shape=shape, eps=eps, layer=layer)
+            self.uses.append(use)
+        if found_b is not None:
+            self.uses.append(_Use("bias", found_b[0], found_b[1], slot, layout))
+
+    # ----- after backward -----
+
+    def sq_norms(self, grads: dict[Tensor, Tensor], scales: Scales) -> Tensor | str:
+        """``|h_i|^2`` per example, ``h_i`` its share of the batch gradient; a reason on failure."""
+        if self.reasons:
+            return self.reasons[0]
+        per_param: dict[int, list[tuple[str, Tensor, Tensor | None, int]]] = {}
+        for use in self.uses:
+            if use.param not in grads:
+                continue
+            term = self._term(use)
+            if isinstance(term, str):
+                return term
+            per_param.setdefault(id(use.param), []).append(term)
+        parts = []
+        for p, grad in grads.items():
+            name = self.names.get(id(p), "a parameter")
+            terms = per_param.get(id(p))
+            if not terms:
+                return f"{name} gets its gradient through an operation per_example does not know"
+            if not self.checked:
+                summed = _batch_sum(terms, p.shape)
+                wide = _wide(grad).reshape(summed.shape)
+                if torch.linalg.vector_norm(summed - wide) > 1e-2 * torch.linalg.vector_norm(wide):
+                    return f"{name} also gets gradient outside the operations per_example sees"
+            parts.append(_example_sq(terms, p.shape, None if scales is None else scales[p]))
         self.checked = True
         return torch.stack(parts).sum(0)
+
+    def _term(self, use: _Use) -> tuple[str, Tensor, Tensor | None, int] | str:
+        """``("dense" | "index", u, v, row)`` of a matrix use, ``("vector", vec, None, offset)``."""
+        name = self.names.get(id(use.param), "a parameter")
+        slot = use.slot
+        if use.kind == "matrix" and use.data is not None and not use.data.is_floating_point():
+            return self._index_term(use, name)
+        if slot.grad is None:
+            return f"{name}: no gradient reached its output"
+        d = use.layout(_wide(slot.grad))
+        if use.kind == "bias":
+            return "vector", d.sum(1), None, use.row
+        if use.kind == "norm":
+            x, shape, eps = _wide(use.data), use.extra["shape"], use.extra["eps"]
+            xhat = (
+                F.layer_norm(x, shape, eps=eps)
+                if use.extra["layer"]
+                else F.rms_norm(x, shape, eps=eps)
+            )
+            return "vector", (d * use.layout(xhat)).sum(1), None, use.row
+        a = (
+            use.extra["cols"](_wide(use.data))
+            if "cols" in use.extra
+            else use.layout(_wide(use.data))
+        )
+        if use.kind == "linear_t":
+            return "dense", a, d, use.row
+        return "dense", d, a, use.row
+
+    def _index_term(self, use: _Use, name: str) -> tuple[str, Tensor, Tensor, int] | str:
+        batch, idx = self.batch, use.data
+        slot, shape = use.slot, None
+        if id(use) in self.broadcast:
+            slot, shape = self.broadcast[id(use)]
+        elif idx.dim() == 0 or idx.shape[0] != batch:
+            return f"{name}: an embedding looked up without the batch is used other than added to a batched tensor"
+        if slot.grad is None:
+            return f"{name}: no gradient reached its output"
+        d = _wide(slot.grad)
+        d = d.reshape(batch, -1, d.shape[-1])
+        if shape is not None:
+            idx = torch.broadcast_to(idx, shape[:-1])
+        idx = idx.reshape(batch, -1)
+        if use.extra["padding"] is not None:
+            d = d * (idx != use.extra["padding"]).unsqueeze(-1)
+        return "index", idx, d, 0
+
+
+def _layout_kind(module: nn.Module) -> str | None:
+    """The layout of the calls a module makes: a Hugging Face ``Conv1D`` (duck-typed, so
+    transformers is no dependency) flattens the batch."""
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return "flat"
+    return None
+
+
+def _rows(term: tuple[str, Tensor, Tensor | None, int]) -> tuple[int, int]:
+    kind, u, _, row = term
+    return (row, row + u.shape[2]) if kind == "dense" else (0, -1)
+
+
+def _batch_sum(terms: list, shape: torch.Size) -> Tensor:
+    """The batch gradient the terms add up to, as ``(rows, cols)`` (or a vector)."""
+    if terms[0][0] == "vector":
+        out = torch.zeros(math.prod(shape), dtype=terms[0][1].dtype, device=terms[0][1].device)
+        for _, vec, _, offset in terms:
+            out[offset : offset + vec.shape[1]] += vec.sum(0)
+        return out
+    return _materialise(terms, shape, None, batch_sum=True)[0]
+
+
+def _materialise(
+    terms: list, shape: torch.Size, scale: Tensor | None, batch_sum: bool = False
+) -> Tensor:
+    """Per-example gradients ``(B, rows, cols)`` built from the terms, squared norms (times the
+    Adam scales) in chunks of examples; or, with ``batch_sum``, their sum ``(1, rows, cols)``."""
+    rows = shape[0]
+    cols = math.prod(shape[1:])
+    batch = terms[0][1].shape[0]
+    chunk = batch if batch_sum else max(1, _MATERIALIZE_ELEMENTS // (rows * cols))
+    out = []
+    for start in range(0, batch, chunk):
+        n = min(chunk, batch - start)
+        dtype, device = terms[0][2].dtype, terms[0][2].device
+        g = torch.zeros(1 if batch_sum else n, rows, cols, dtype=dtype, device=device)
+        for kind, u, v, row in terms:
+            u, v = u[start : start + n], v[start : start + n]
+            if kind == "dense" and batch_sum:
+                g[0, row : row + u.shape[2]] += torch.einsum("btr,btc->rc", u, v)
+            elif kind == "dense":
+                g[:, row : row + u.shape[2]] += u.transpose(1, 2) @ v
+            else:
+                target = u if batch_sum else u + rows * torch.arange(n, device=u.device)[:, None]
+                g.view(-1, cols).index_add_(0, target.reshape(-1), v.reshape(-1, cols))
+        if batch_sum:
+            return g
+        if scale is not None:
+            g = g * scale.reshape(rows, cols)
+        out.append(g.pow(2).sum((1, 2)))
+    return torch.cat(out)
+
+
+def _example_sq(terms: list, shape: torch.Size, scale: Tensor | None) -> Tensor:
+    """``|grad_i|^2`` (times the Adam scales) of one parameter for each example: shape ``(B,)``.
+
+    Vectors are summed; matrices come from the Gram matrices of the terms' ``u`` and ``v``
+    (``sum_{t,t'} (u_t.u_t')(v_t.v_t')``, index collisions counted), or from the materialised
+    per-example gradient when that is cheaper for the shapes or Adam scales are applied."""
+    if terms[0][0] == "vector":
+        vec = torch.zeros(
+            terms[0][1].shape[0],
+            math.prod(shape),
+            dtype=terms[0][1].dtype,
+            device=terms[0][1].device,
+        )
+        for _, v, _, offset in terms:
+            vec[:, offset : offset + v.shape[1]] += v
+        if scale is not None:
+            vec = vec * scale.reshape(-1)
+        return vec.pow(2).sum(1)
+    if len(terms) == 1 and terms[0][0] == "dense" and terms[0][1].shape[1] == 1 and scale is None:
+        _, u, v, _ = terms[0]
+        return (
+            torch.linalg.vector_norm(u[:, 0], dim=1) * torch.linalg.vector_norm(v[:, 0], dim=1)
+        ).square()
+    rows, cols = shape[0], math.prod(shape[1:])
+    steps = [(kind, u.shape[1], u.shape[2] if kind == "dense" else 1) for kind, u, _, _ in terms]
+    gram = sum(t_j * t_k * (cols + min(r_j, r_k)) for (_, t_j, r_j), (_, t_k, r_k) in _pairs(steps))
+    made = sum(t * (r * cols if kind == "dense" else cols) for kind, t, r in steps) + rows * cols
+    if scale is not None or 0.5 * gram > made:  # the symmetric pieces below halve the Gram cost
+        return _materialise(terms, shape, scale)
+    # Pieces of at most 32 positions: the Gram matrix is symmetric, so only the blocks on and
+    # below the diagonal are computed.
+    pieces = [
+        (kind, u_p, v_p, row)
+        for kind, u, v, row in terms
+        for u_p, v_p in zip(u.split(32, 1), v.split(32, 1), strict=True)
+    ]
+    total = 0
+    for (j, a), (k, b) in _pairs(list(enumerate(pieces))):
+        gu = _gram_u(a, b)
+        if gu is not None:
+            gv = a[2] @ b[2].transpose(1, 2)
+            dot = torch.linalg.vecdot(gu.flatten(1), gv.flatten(1))
+            total = total + (2 - (j == k)) * dot
+    return total
+
+
+def _pairs(items: list) -> Iterator[tuple]:
+    """Unordered pairs of ``items``, each with itself included."""
+    return itertools.combinations_with_replacement(items, 2)
+
+
+def _gram_u(a: tuple, b: tuple) -> Tensor | None:
+    """``u_t . u'_t'`` of two terms, ``(B, T, T')``; ``None`` when their rows do not overlap."""
+    if a[0] == "index" and b[0] == "index":
+        return (a[1][:, :, None] == b[1][:, None, :]).to(a[2].dtype)
+    if a[0] == "index" or b[0] == "index":
+        (_, idx, _, _), (_, u, _, row) = (a, b) if a[0] == "index" else (b, a)
+        rel = idx - row
+        inside = (rel >= 0) & (rel < u.shape[2])
+        picked = u.gather(2, rel.clamp(0, u.shape[2] - 1)[:, None, :].expand(-1, u.shape[1], -1))
+        picked = picked * inside[:, None, :]  # (B, T_dense, T_index)
+        return picked.transpose(1, 2) if a[0] == "index" else picked
+    (lo_a, hi_a), (lo_b, hi_b) = _rows(a), _rows(b)
+    lo, hi = max(lo_a, lo_b), min(hi_a, hi_b)
+    if lo >= hi:
+        return None
+    return a[1][:, :, lo - lo_a : hi - lo_a] @ b[1][:, :, lo - lo_b : hi - lo_b].transpose(1, 2)
+
+
+def per_example_grad_norms(
+    model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor
+) -> Tensor:
+    """Norm of each example's own gradient, ``|grad loss_fn(model(x_i), y_i)|``, from one ordinary
+    backward (``p.grad`` is left alone); ``loss_fn`` must average over the batch. Raises
+    ``SpecError("model", reason)`` for a model ``per_example`` cannot measure."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    recorder = _Recorder(model, params)
+    recorder.batch = x.shape[0]
+    try:
+        with recorder:
+            out = model(x)
+        found = torch.autograd.grad(loss_fn(out, y), params, allow_unused=True)
+        grads = {p: g for p, g in zip(params, found, strict=True) if g is not None}
+        shares = recorder.sq_norms(grads, None)
+    finally:
+        recorder.remove()
+    if isinstance(shares, str):
+        raise SpecError("model", shares)
+    return shares.sqrt() * x.shape[0]
 
 
 @dataclass
@@ -313,6 +763,50 @@ class _StepState:
     scales_read: bool = False
 
 
+def _is_estimator(value: object) -> bool:
+    """Estimator state objects of :mod:`batchlab.core.noise` (what :meth:`state_dict` saves)."""
+    return type(value).__module__ == noise_module.__name__ and (
+        dataclasses.is_dataclass(value) or hasattr(value, "state_dict")
+    )
+
+
+def _encode(value: object) -> object:
+    """An estimator as plain data: its own ``state_dict()``, or its dataclass fields, recursively."""
+    if _is_estimator(value):
+        if hasattr(value, "state_dict"):
+            return {"class": type(value).__name__, "state": value.state_dict()}
+        fields = {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"class": type(value).__name__, "fields": fields}
+    if isinstance(value, list | tuple):
+        return type(value)(_encode(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    return value
+
+
+def _decode(encoded: object, like: object) -> object:
+    """Inverse of :func:`_encode`; classes come only from :mod:`batchlab.core.noise`, by name."""
+    if (
+        isinstance(encoded, dict)
+        and "class" in encoded
+        and ("fields" in encoded or "state" in encoded)
+    ):
+        cls = getattr(noise_module, encoded["class"], None)
+        if not isinstance(cls, type) or (like is not None and type(like) is not cls):
+            raise SpecError("state_dict", f"holds an unknown estimator {encoded['class']!r}")
+        if "state" in encoded:
+            obj = like if like is not None else cls()
+            obj.load_state_dict(encoded["state"])
+            return obj
+        fields = {k: _decode(v, None) for k, v in encoded["fields"].items()}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    if isinstance(encoded, list | tuple):
+        return type(encoded)(_decode(v, None) for v in encoded)
+    if isinstance(encoded, dict):
+        return {k: _decode(v, None) for k, v in encoded.items()}
+    return encoded
+
+
 class GradientNoiseScale:
     """Measure the gradient noise scale of ``model`` inside an ordinary training loop.
 
@@ -326,6 +820,8 @@ class GradientNoiseScale:
         precondition: a ``torch.optim.Adam`` / ``AdamW`` whose second moments precondition gradients.
         confidence: coverage of the interval returned by :meth:`estimate`.
         process_group: the group of ``distributed`` (default: the world).
+        scaler: the ``torch.amp.GradScaler`` that scales the loss: norms are read in unscaled units
+            (before or after ``scaler.unscale_``), and ``forward_backward`` scales its backward.
     """
 
     def __init__(
@@ -340,6 +836,7 @@ class GradientNoiseScale:
         precondition: torch.optim.Optimizer | None = None,
         confidence: float = 0.95,
         process_group: dist.ProcessGroup | None = None,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if mode not in MODES:
             raise SpecError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
@@ -361,6 +858,7 @@ class GradientNoiseScale:
         if not self.params:
             raise SpecError("model", "has no trainable parameters")
         self.precondition = precondition
+        self.scaler = scaler
         if precondition is not None:
             self._check_adam(precondition)
         self.fallback: str | None = None
@@ -368,7 +866,7 @@ class GradientNoiseScale:
         self._step = 0
         self._pending: list[_Pending] = []
         self._state = _StepState()
-        self._hooks: _PerExampleHooks | None = None
+        self._hooks: _Recorder | None = None
         self._grad_hooks = []
         self._resolvers: dict[tuple[tuple[int, ...], tuple[int, ...]], Resolve] = {}
         # distributed: (this rank's [|g_r|^2, 1/b_r], |g|^2) of steps not yet all-reduced
@@ -418,11 +916,15 @@ class GradientNoiseScale:
             )
 
     def _start_per_example(self, net: nn.Module) -> None:
-        reasons = _unsupported(net)
-        if reasons:
-            self._fall_back("cannot compute per-example gradients of " + ", ".join(reasons))
+        rnns = [
+            f"{name} ({type(m).__name__})"
+            for name, m in net.named_modules()
+            if isinstance(m, nn.RNNBase)
+        ]
+        if rnns:
+            self._fall_back("cannot compute per-example gradients of " + ", ".join(rnns))
         else:
-            self._hooks = _PerExampleHooks(net)
+            self._hooks = _Recorder(net, self.params)
 
     def _fall_back(self, reason: str) -> None:
         log.warning(
@@ -471,6 +973,22 @@ class GradientNoiseScale:
             out[p] = 1.0 / (v_hat.sqrt() + group["eps"])
         return out
 
+    def _backward(self, loss: Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def _unscale(self) -> tuple[Tensor | float, Tensor | float]:
+        """Factors that bring squared norms to unscaled units under a ``GradScaler``: for those read
+        during backward (always scaled), and for those read from ``p.grad`` now (scaled unless
+        ``scaler.unscale_`` has run this step). On the device: no host synchronisation."""
+        scaler = self.scaler
+        scale = None if scaler is None or not scaler.is_enabled() else scaler._get_scale_async()
+        if scale is None:  # no scaler, or it has not scaled a loss yet
+            return 1.0, 1.0
+        inverse = scale.float().reciprocal().square()
+        states = scaler._per_optimizer_states.values()  # torch 2.x: stage per optimizer
+        unscaled = any(state["stage"] is OptState.UNSCALED for state in states)
+        return inverse, 1.0 if unscaled else inverse
+
     def _record(self, item: _Pending) -> None:
         self._pending.append(item)
         if len(self._pending) >= _FLUSH_EVERY:
@@ -511,7 +1029,7 @@ class GradientNoiseScale:
             self._skip("a batch of 1 has no gradient noise to measure")
         if not (self._due() and batch >= 2 and self._scales()[0]):
             loss = self.loss_fn(self.model(x), y)
-            loss.backward()
+            self._backward(loss)
         elif self.mode == "per_example":
             loss = self._per_example_pass(x, y)
         else:
@@ -543,7 +1061,7 @@ class GradientNoiseScale:
         with self._own_grads():
             for xm, ym in zip(x.split(sizes), y.split(sizes), strict=True):
                 part = self.loss_fn(self.model(xm), ym) * (xm.shape[0] / batch)
-                part.backward()
+                self._backward(part)
                 self._end_micro_batch(xm.shape[0])
                 loss = loss + part.detach()
             self._record_micro_batches()
@@ -551,23 +1069,22 @@ class GradientNoiseScale:
 
     def _per_example_pass(self, x: Tensor, y: Tensor) -> Tensor:
         hooks, batch, scales = self._hooks, x.shape[0], self._state.scales
-        hooks.calls.clear()
+        hooks.clear()
+        hooks.batch = batch
         with self._own_grads():
-            hooks.active = True
-            try:
-                loss = self.loss_fn(self.model(x), y)
-                loss.backward()
-            finally:
-                hooks.active = False
+            with hooks:
+                out = self.model(x)
+            loss = self.loss_fn(out, y)
+            self._backward(loss)
             grads = {p: p.grad for p in self.params if p.grad is not None}
-            shares = hooks.sq_norms(batch, grads, scales)
-            hooks.calls.clear()
+            shares = hooks.sq_norms(grads, scales)
+            hooks.clear()
             if isinstance(shares, str):
                 self._skip("per_example fell back to split")
                 self._fall_back(shares)
             else:  # example i's own gradient is batch * its share of the mean-batch gradient
                 big = _sq_norm(self._grads(), self.params, scales)
-                values = torch.stack([shares.mean() * batch**2, big])
+                values = torch.stack([shares.mean() * batch**2, big]) * self._unscale()[0]
                 self._record(_Pending((values,), lambda v: (v[0], v[1], 1.0, float(batch))))
         return loss
 
@@ -621,7 +1138,13 @@ class GradientNoiseScale:
         if len(state.micro_sizes) < 2:
             self._skip("accumulation needs at least 2 micro-batches per step")
             return
-        norms = torch.stack(state.norms + _sq_norms(self._grads(), self.params, state.scales))
+        from_hooks, from_grads = self._unscale()
+        norms = torch.cat(
+            [
+                torch.stack(state.norms) * from_hooks,
+                torch.stack(_sq_norms(self._grads(), self.params, state.scales)) * from_grads,
+            ]
+        )
         key = (tuple(state.micro_sizes), tuple(state.micro_counts))
         if key not in self._resolvers:  # the same cut every step: build its resolver once
             batches = effective_batches(state.micro_sizes)
@@ -651,8 +1174,9 @@ class GradientNoiseScale:
             raise SpecError(
                 "mode", "no local gradient was read: call after_backward before all-reduce"
             )
-        local = torch.stack(state.local_sq).sum().double()
-        big = _sq_norm(self._grads(), self.params, state.scales)
+        from_hooks, from_grads = self._unscale()
+        local = (torch.stack(state.local_sq).sum() * from_hooks).double()
+        big = _sq_norm(self._grads(), self.params, state.scales) * from_grads
         self._unreduced.append(
             (torch.stack([local, torch.ones_like(local) / state.local_batch]), big)
         )
@@ -705,6 +1229,49 @@ class GradientNoiseScale:
         """Measurements folded into the estimate."""
         self._flush()
         return self._ema.count
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue the same estimate, as plain numbers (loadable with
+        ``torch.load(weights_only=True)``): the estimators' own state, steps, skips and any fallback.
+
+        Folds pending measurements in first. ``distributed``: call :meth:`sync` on every rank first.
+        """
+        if self._unreduced:
+            raise SpecError(
+                "state_dict",
+                f"{len(self._unreduced)} distributed measurements are not shared yet: "
+                "call sync() on every rank first",
+            )
+        self._flush()
+        return {
+            "mode": self.mode,
+            "fallback": self.fallback,
+            "step": self._step,
+            "skipped": dict(self.skipped),
+            "estimators": {k: _encode(v) for k, v in vars(self).items() if _is_estimator(v)},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: the next measurement folds into the saved estimate."""
+        saved = state.get("mode")
+        if saved != self.mode and not (self.mode == "per_example" and state.get("fallback")):
+            raise SpecError(
+                "state_dict", f"was saved in mode {saved!r}, this monitor is {self.mode!r}"
+            )
+        own = {k: v for k, v in vars(self).items() if _is_estimator(v)}
+        if set(state["estimators"]) != set(own):
+            raise SpecError(
+                "state_dict",
+                f"holds estimators {sorted(state['estimators'])}, this monitor {sorted(own)}",
+            )
+        if self.mode != saved:
+            self._skip("per_example fell back to split")
+            self._fall_back(state["fallback"])
+        self._pending.clear()
+        for name, encoded in state["estimators"].items():
+            setattr(self, name, _decode(encoded, own[name]))
+        self._step = int(state["step"])
+        self.skipped = Counter(state["skipped"])
 
     def reset(self) -> None:
         """Forget past measurements (e.g. after the learning rate changes a lot); every rank in

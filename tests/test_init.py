@@ -1,0 +1,28 @@
+"""The one import path: every public name resolves from ``batchlab``, lazily, and the submodules
+it comes from stay importable; ``import batchlab`` alone loads no torch."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+import batchlab
+
+
+@pytest.mark.parametrize("name", batchlab.__all__)
+def test_every_public_name_resolves_to_its_submodule_object(name: str) -> None:
+    value = getattr(batchlab, name)
+    if name != "__version__":
+        assert value is getattr(importlib.import_module(batchlab._LAZY[name]), name)
+        assert getattr(value, "__doc__", None), f"{name} has no docstring"
+
+
+def test_import_batchlab_loads_no_torch_and_unknown_names_raise() -> None:
+    code = "import sys, batchlab; batchlab.advise; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        batchlab.nope  # noqa: B018
