@@ -1,5 +1,5 @@
 """The documentation stays true: every ``batchlab`` command line in README.md and docs/*.md parses
-against the real CLI (options exist, values convert), and every ``python`` block runs.
+against the real CLI (options exist, values convert), and every page's ``python`` blocks run, in order, as one script.
 
 A block preceded by ``<!-- doc-check: skip REASON -->`` is not run (a reason is required); commands are
 parsed, never executed, so the check is fast and writes nothing.
@@ -56,7 +56,25 @@ COMMANDS = [
     for where, _, body in _blocks("console|bash|sh")
     for cmd in _command_lines(body)
 ]
-PYTHON = [pytest.param(body, skip, id=where) for where, skip, body in _blocks("python")]
+DOCTEST = """
+import doctest as _doctest
+_test = _doctest.DocTestParser().get_doctest({block!r}, globals(), "doc", None, 0)
+_runner = _doctest.DocTestRunner(optionflags=_doctest.ELLIPSIS | _doctest.NORMALIZE_WHITESPACE)
+_runner.run(_test)
+assert not _runner.failures, "doctest block failed (output above)"
+"""
+
+
+def _script(body: str) -> str:
+    """A block as script text: plain code as is, a ``>>>`` session as a doctest that checks output."""
+    return DOCTEST.format(block=body) if body.lstrip().startswith(">>>") else body
+
+
+PAGES_CODE: dict[str, list[str]] = {}
+for _where, _skip, _body in _blocks("python"):
+    if not _skip:
+        PAGES_CODE.setdefault(_where.split(":")[0], []).append(_script(_body))
+PYTHON = [pytest.param("\n".join(blocks), id=page) for page, blocks in PAGES_CODE.items()]
 
 
 def test_docs_have_commands_and_code() -> None:
@@ -77,10 +95,9 @@ def test_documented_command_parses(command: str) -> None:
                 pytest.fail(f"{command}: {getattr(exc, 'format_message', exc.__str__)()}")
 
 
-@pytest.mark.parametrize(("code", "skip"), PYTHON)
-def test_documented_python_runs(code: str, skip: str | None, tmp_path: Path) -> None:
-    if skip:
-        pytest.skip(skip)
+@pytest.mark.parametrize("code", PYTHON)
+def test_documented_python_runs(code: str, tmp_path: Path) -> None:
+    """A page's Python blocks run in order as one script, as a reader would paste them."""
     for shipped in ("examples", "docs"):  # blocks name repository files by relative path
         (tmp_path / shipped).symlink_to(ROOT / shipped)
     script = tmp_path / "block.py"
