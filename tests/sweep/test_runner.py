@@ -62,11 +62,16 @@ def assert_same_histories(a: list[dict], b: list[dict], rel: float = REL) -> Non
 
 @pytest.mark.parametrize(
     ("optimizer", "lrs"),
-    [({"momentum": 0.9}, (0.02, 0.1, 0.3)), ({"optimizer": "adam"}, (3e-4, 1e-3, 3e-3))],
+    [({"momentum": 0.9}, (0.02, 0.05, 0.1)), ({"optimizer": "adam"}, (3e-4, 1e-3, 3e-3))],
     ids=["sgd-momentum", "adam"],
 )
 def test_ensemble_member_history_equals_the_solo_run(optimizer, lrs):
-    """Every member of a 6-run ensemble (3 lrs x 2 seeds: two batch orders) over 100 steps."""
+    """Every member of a 6-run ensemble (3 lrs x 2 seeds: two batch orders) over 100 steps.
+
+    The lrs stay where rounding is not amplified: at lr 0.3 with momentum 0.9 the trajectory is
+    chaotic and AVX2 kernels split ensemble from solo by 300% at step 100. Here the kernels agree
+    within 1e-6 at every step, and a 0.1% error in lr alone moves the loss by > 2e-3.
+    """
     specs = [
         RunSpec(
             task="digits-mlp",
