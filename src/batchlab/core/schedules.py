@@ -44,6 +44,7 @@ from functools import cached_property
 from typing import Any
 
 from batchlab.core.rules import SOURCES, apply_rule, check_number
+from batchlab.errors import FieldError
 
 Schedule = Callable[[float], float]
 
@@ -141,11 +142,11 @@ def multistep_schedule(
     """
     bounds = [float(b) for b in boundaries]
     if bounds != sorted(bounds):
-        raise ValueError(f"boundaries: must be non-decreasing, got {list(boundaries)}")
+        raise FieldError("boundaries", f"must be non-decreasing, got {list(boundaries)}")
     factors = [gamma] * len(bounds) if isinstance(gamma, int | float) else list(gamma)
     if len(factors) != len(bounds):
-        raise ValueError(
-            f"gamma: needs one factor per boundary ({len(bounds)}), got {len(factors)}"
+        raise FieldError(
+            "gamma", f"needs one factor per boundary ({len(bounds)}), got {len(factors)}"
         )
     values = [init_value]
     for factor in factors:
@@ -175,12 +176,12 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[float]) -
     """
     starts = [0.0, *(float(b) for b in boundaries)]
     if len(schedules) != len(starts):
-        raise ValueError(
-            f"schedules: need one more schedule than boundaries, got {len(schedules)} and "
-            f"{len(boundaries)}"
+        raise FieldError(
+            "schedules",
+            f"need one more schedule than boundaries, got {len(schedules)} and {len(boundaries)}",
         )
     if starts != sorted(starts):
-        raise ValueError(f"boundaries: must be non-decreasing and >= 0, got {list(boundaries)}")
+        raise FieldError("boundaries", f"must be non-decreasing and >= 0, got {list(boundaries)}")
 
     def joined(step: float) -> float:
         i = bisect.bisect_right(starts, step) - 1 if step >= 0 else 0
@@ -209,7 +210,7 @@ def with_warmup(
     0.1
     """
     if kind not in WARMUPS:
-        raise ValueError(f"warmup: must be one of {', '.join(WARMUPS)}, got {kind!r}")
+        raise FieldError("warmup", f"must be one of {', '.join(WARMUPS)}, got {kind!r}")
     check_number("warmup_steps", warmup_steps, low=0.0)
     start = WARMUP_START[kind] if start_factor is None else start_factor
     _check_warmup_start(kind, start, "start_factor")
@@ -231,11 +232,11 @@ def _check_fractions(field: str, value: Any) -> tuple[float, ...]:
     if not ok or not all(
         isinstance(f, int | float) and not isinstance(f, bool) and 0 < f <= 1 for f in fractions
     ):
-        raise ValueError(
-            f"{field}: must be a list of fractions of the budget in (0, 1], got {value!r}"
+        raise FieldError(
+            field, f"must be a list of fractions of the budget in (0, 1], got {value!r}"
         )
     if list(fractions) != sorted(fractions):
-        raise ValueError(f"{field}: must be non-decreasing, got {value!r}")
+        raise FieldError(field, f"must be non-decreasing, got {value!r}")
     return tuple(float(f) for f in fractions)
 
 
@@ -243,7 +244,7 @@ def _check_gamma(field: str, value: Any, count: int) -> float | tuple[float, ...
     """One decay factor > 0, or (multistep) one per milestone."""
     if isinstance(value, Sequence) and not isinstance(value, str):
         if len(value) != count:
-            raise ValueError(f"{field}: needs one factor per milestone ({count}), got {value!r}")
+            raise FieldError(field, f"needs one factor per milestone ({count}), got {value!r}")
         return tuple(check_number(field, v, low=0.0, low_open=True) for v in value)
     return check_number(field, value, low=0.0, low_open=True)
 
@@ -259,15 +260,15 @@ def resolve_schedule_options(
     {'milestones': (0.5, 0.75), 'gamma': 0.2, 'warmup_start': 0.0}
     """
     if name not in SCHEDULE_OPTIONS:
-        raise ValueError(f"schedule: must be one of {', '.join(LR_SCHEDULES)}, got {name!r}")
+        raise FieldError("schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {name!r}")
     if warmup not in WARMUPS:
-        raise ValueError(f"warmup: must be one of {', '.join(WARMUPS)}, got {warmup!r}")
+        raise FieldError("warmup", f"must be one of {', '.join(WARMUPS)}, got {warmup!r}")
     resolved = {**SCHEDULE_OPTIONS[name], "warmup_start": WARMUP_START[warmup]}
     for key in options:
         if key not in resolved:
-            raise ValueError(
-                f"schedule_options.{key}: unknown for schedule {name!r}; allowed: "
-                f"{', '.join(resolved)}"
+            raise FieldError(
+                f"schedule_options.{key}",
+                f"unknown for schedule {name!r}; allowed: {', '.join(resolved)}",
             )
     resolved.update(options)
     for key, value in resolved.items():
@@ -286,8 +287,8 @@ def resolve_schedule_options(
         count = len(resolved.get("milestones", ()))
         resolved["gamma"] = _check_gamma("schedule_options.gamma", resolved["gamma"], count)
         if name == "step" and isinstance(resolved["gamma"], tuple):
-            raise ValueError(
-                f"schedule_options.gamma: must be one number for step, got {resolved['gamma']!r}"
+            raise FieldError(
+                "schedule_options.gamma", f"must be one number for step, got {resolved['gamma']!r}"
             )
     return resolved
 
