@@ -14,6 +14,7 @@ from rich.table import Table
 from batchlab.cli._app import JsonOpt, app, emit_json, fail
 from batchlab.core.rules import ADAM_DEFAULTS, RULES, SOURCES, Advice
 from batchlab.core.rules import advise as advise_job
+from batchlab.errors import FieldError
 
 # Core names the parameters after the rule (base_batch -> batch_size); the CLI after its options.
 _CLI_FIELDS = {
@@ -66,9 +67,8 @@ def advise(
             eps=eps,
             **options,
         )
-    except ValueError as err:
-        field, _, message = str(err).partition(": ")
-        fail(_CLI_FIELDS.get(field, field), message)
+    except FieldError as err:
+        fail(_CLI_FIELDS.get(err.field, err.field), err.message)
     if json_out:
         emit_json(advice.to_dict())
         return
