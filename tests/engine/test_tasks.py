@@ -501,9 +501,11 @@ def test_stored_task_imports_user_code_only_when_the_user_names_it(user_module):
 
 
 def test_no_module_deserializes_with_pickle_or_evaluates_text():
-    """Stores hold JSON and safetensors only: nothing in batchlab unpickles or evaluates text."""
+    """Stores hold JSON and safetensors only: nothing in batchlab unpickles (``torch.load`` only with
+    ``weights_only=True``) or evaluates text."""
     pattern = re.compile(
-        r"\b(import|from) (c?pickle|marshal|shelve|dill)\b|torch\.load\(|(?<![.\w])(eval|exec)\("
+        r"\b(import|from) (c?pickle|marshal|shelve|dill)\b|torch\.load\((?![^)]*weights_only=True)"
+        r"|(?<![.\w])(eval|exec)\("
     )
     src = Path(batchlab.__file__).parent
     hits = [

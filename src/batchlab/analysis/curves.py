@@ -25,10 +25,11 @@ import numpy as np
 from batchlab.analysis.study import StudyData, column, median_or_inf
 from batchlab.analysis.target import ToTargetRow
 from batchlab.core.fit import mean_se
+from batchlab.engine.spec import HistoryKey as H
 from batchlab.sweep.store import RunRecord
 
 GapBasis = Literal["epochs", "steps"]
-_X_COLUMN = {"epochs": "epoch", "steps": "step"}
+_X_COLUMN = {"epochs": H.EPOCH, "steps": H.STEP}
 FINAL_KEYS = ("train_loss", "val_loss", "train_metric", "val_metric")
 
 
@@ -54,22 +55,22 @@ def loss_curves(data: StudyData, lr_by_batch: Mapping[int, float]) -> tuple[Curv
         histories = [h for h in histories if h]
         if not histories:
             continue
-        shared = set.intersection(*({row["step"] for row in h} for h in histories))
-        rows = [[row for row in h if row["step"] in shared] for h in histories]
+        shared = set.intersection(*({row[H.STEP] for row in h} for h in histories))
+        rows = [[row for row in h if row[H.STEP] in shared] for h in histories]
         mean = {
             name: tuple(np.mean([column(r, name) for r in rows], axis=0).tolist())
-            for name in ("step", "epoch", "train_loss", "val_loss", "val_metric")
+            for name in (H.STEP, H.EPOCH, H.TRAIN_LOSS, H.VAL_LOSS, H.VAL_METRIC)
         }
         curves.append(
             Curve(
                 batch_size=b,
                 lr=lr,
                 n_seeds=len(rows),
-                step=mean["step"],
-                epoch=mean["epoch"],
-                train_loss=mean["train_loss"],
-                val_loss=mean["val_loss"],
-                val_metric=mean["val_metric"],
+                step=mean[H.STEP],
+                epoch=mean[H.EPOCH],
+                train_loss=mean[H.TRAIN_LOSS],
+                val_loss=mean[H.VAL_LOSS],
+                val_metric=mean[H.VAL_METRIC],
             )
         )
     return tuple(curves)
@@ -114,7 +115,7 @@ def _gap_point(
         f = {k: float(run.final.get(k, math.nan)) for k in FINAL_KEYS}
         return f["train_loss"], f["val_loss"], f["train_metric"] - f["val_metric"], 1.0
     x = column(history, _X_COLUMN[basis])
-    train, val = column(history, "train_loss"), column(history, "val_loss")
+    train, val = column(history, H.TRAIN_LOSS), column(history, H.VAL_LOSS)
     ok = np.isfinite(x) & np.isfinite(train) & np.isfinite(val)
     if not ok.any():
         return math.nan, math.nan, math.nan, 0.0

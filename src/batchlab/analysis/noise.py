@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from batchlab.analysis.study import StudyData, column, median_or_inf
+from batchlab.engine.spec import HistoryKey as H
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,13 @@ def noise_summary(data: StudyData, critical_batch: float = math.nan) -> NoiseSum
         history = data.history(run)
         if run.status != "ok" or not history:
             continue
-        value = column(history, "noise_scale")
+        value = column(history, H.NOISE_SCALE)
         keep = np.isfinite(value)
         if not keep.any():
             continue
         pick = {
             name: tuple(column(history, name)[keep].tolist())
-            for name in ("step", "epoch", "noise_scale", "noise_scale_low", "noise_scale_high")
+            for name in (H.STEP, H.EPOCH, H.NOISE_SCALE, H.NOISE_SCALE_LOW, H.NOISE_SCALE_HIGH)
         }
         series.append(
             NoiseSeries(
@@ -70,11 +71,11 @@ def noise_summary(data: StudyData, critical_batch: float = math.nan) -> NoiseSum
                 batch_size=run.batch_size,
                 lr=run.lr,
                 seed=run.seed,
-                step=pick["step"],
-                epoch=pick["epoch"],
-                value=pick["noise_scale"],
-                low=pick["noise_scale_low"],
-                high=pick["noise_scale_high"],
+                step=pick[H.STEP],
+                epoch=pick[H.EPOCH],
+                value=pick[H.NOISE_SCALE],
+                low=pick[H.NOISE_SCALE_LOW],
+                high=pick[H.NOISE_SCALE_HIGH],
             )
         )
     if not series:

@@ -25,6 +25,7 @@ from batchlab.core.fit import (
     percentile_interval,
     steps_to_target,
 )
+from batchlab.engine.spec import HistoryKey as H
 from batchlab.sweep.store import RunRecord
 
 
@@ -46,15 +47,15 @@ def run_reach(run: RunRecord, history: list[dict], target: Target) -> Reach:
     if run.status != "ok" or not history:
         return NEVER
     step = steps_to_target(
-        column(history, "step"),
+        column(history, H.STEP),
         column(history, target.metric),
         target.value,
         higher_is_better=target.higher_is_better,
     )
     if not math.isfinite(step):
         return NEVER
-    row = next(r for r in history if r["step"] == step)
-    return Reach(step, float(row["samples"]), float(row["epoch"]), float(row["wall_s"]))
+    row = next(r for r in history if r[H.STEP] == step)
+    return Reach(step, float(row[H.SAMPLES]), float(row[H.EPOCH]), float(row[H.WALL_S]))
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Protocol
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from batchlab.errors import FieldError
 
 app = typer.Typer(
     add_completion=False,
@@ -29,17 +31,9 @@ def fail(field: str, message: str) -> NoReturn:
     raise typer.Exit(code=2)
 
 
-class FieldError(Protocol):
-    """An error that names the bad field, as ``SpecError`` and ``StoreError`` do: ``str(exc)`` is
-    ``"<field>: <message>"``."""
-
-    field: str
-
-
 def fail_on(exc: FieldError, rename: Mapping[str, str] | None = None) -> NoReturn:
     """``fail`` with the error's field and message; ``rename`` maps a library field to an option."""
-    field = exc.field
-    fail((rename or {}).get(field, field), str(exc).removeprefix(f"{field}: "))
+    fail((rename or {}).get(exc.field, exc.field), exc.message)
 
 
 # Options several commands share, declared once: name and help here, the default in the signature

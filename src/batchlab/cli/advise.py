@@ -17,6 +17,7 @@ from batchlab.cli.plan import read_throughput
 from batchlab.core.plan import advice_costs
 from batchlab.core.rules import ADAM_DEFAULTS, RULES, SOURCES, Advice
 from batchlab.core.rules import advise as advise_job
+from batchlab.errors import FieldError
 
 # Core names the parameters after the rule (base_batch -> batch_size); the CLI after its options.
 _CLI_FIELDS = {
@@ -76,9 +77,8 @@ def advise(
             eps=eps,
             **options,
         )
-    except ValueError as err:
-        field, _, message = str(err).partition(": ")
-        fail(_CLI_FIELDS.get(field, field), message)
+    except FieldError as err:
+        fail(_CLI_FIELDS.get(err.field, err.field), err.message)
     costs = advice_costs(advice, step_time, devices) if step_time is not None else None
     if json_out:
         emit_json(advice.to_dict() | ({"costs": costs} if costs else {}))

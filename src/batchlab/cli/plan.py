@@ -39,6 +39,7 @@ from batchlab.core.plan import (
     recommend,
 )
 from batchlab.core.rules import ADAM_DEFAULTS, OPTIMIZERS, SOURCES
+from batchlab.errors import FieldError
 
 NOISE_BATCH = 64
 NOISE_LR = 0.05
@@ -84,8 +85,8 @@ def read_throughput(path: Path) -> ThroughputTable:
         fail("throughput", f"cannot read {path}: {exc}")
     try:
         return ThroughputTable.from_dict(data)
-    except ValueError as exc:
-        fail("throughput", f"{path}: {str(exc).removeprefix('throughput: ')}")
+    except FieldError as exc:
+        fail("throughput", f"{path}: {exc.message}")
 
 
 def _study_inputs(db: Path, study: str | None) -> dict[str, Any]:
@@ -287,9 +288,8 @@ def plan(
             target = Target.from_samples(target_samples, reference_batch)
         elif target_steps is not None:
             target = Target(target_steps, reference_batch)
-    except ValueError as exc:
-        field, _, message = str(exc).partition(": ")
-        fail(field, message)
+    except FieldError as exc:
+        fail_on(exc)
     if critical_batch is not None and not (math.isfinite(critical_batch) and critical_batch > 0):
         fail("critical_batch", f"must be a number > 0, got {critical_batch!r}")
     if db is not None:
@@ -332,9 +332,8 @@ def plan(
             beta2=beta2,
             warmup_epochs=warmup_epochs,
         )
-    except ValueError as exc:
-        field, _, message = str(exc).partition(": ")
-        fail(field, message)
+    except FieldError as exc:
+        fail_on(exc)
     if plot is not None:
         _save_plot(out, plot)
     if json_out:

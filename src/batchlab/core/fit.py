@@ -23,6 +23,8 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
+from batchlab.errors import FieldError
+
 Region = Literal["perfect_scaling", "diminishing_returns", "maximal_parallelism"]
 
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -43,7 +45,7 @@ def steps_to_target(
     s = np.asarray(steps, dtype=float)
     v = np.asarray(values, dtype=float)
     if s.shape != v.shape or s.ndim != 1:
-        raise ValueError(f"steps: must be 1-D and match values, got {s.shape} and {v.shape}")
+        raise FieldError("steps", f"must be 1-D and match values, got {s.shape} and {v.shape}")
     with np.errstate(invalid="ignore"):
         hit = v >= target if higher_is_better else v <= target
     idx = np.flatnonzero(hit & np.isfinite(v))
@@ -73,7 +75,7 @@ def percentile_interval(samples: Sequence[float], level: float = 0.95) -> tuple[
     arr = np.asarray(samples, dtype=float)
     arr = arr[np.isfinite(arr)]
     if not 0 < level < 1:
-        raise ValueError(f"level: must be in (0, 1), got {level!r}")
+        raise FieldError("level", f"must be in (0, 1), got {level!r}")
     if arr.size == 0:
         return math.nan, math.nan
     tail = 100 * (1 - level) / 2
@@ -98,7 +100,7 @@ def bootstrap_draws(
     """
     arr = np.asarray(data, dtype=float)
     if n_boot < 1:
-        raise ValueError(f"n_boot: must be >= 1, got {n_boot!r}")
+        raise FieldError("n_boot", f"must be >= 1, got {n_boot!r}")
     if arr.ndim == 0 or arr.shape[0] < 2:
         return np.empty(0)
     rng = np.random.default_rng(seed)
@@ -150,12 +152,12 @@ def parabolic_argmin(x: Sequence[float], y: Sequence[float]) -> Vertex:
     xs = np.asarray(x, dtype=float)
     ys = np.asarray(y, dtype=float)
     if xs.shape != ys.shape or xs.ndim != 1 or xs.size == 0:
-        raise ValueError(f"x: must be 1-D, non-empty and match y, got {xs.shape} and {ys.shape}")
+        raise FieldError("x", f"must be 1-D, non-empty and match y, got {xs.shape} and {ys.shape}")
     if np.any(np.diff(xs) <= 0):
-        raise ValueError("x: must be strictly increasing")
+        raise FieldError("x", "must be strictly increasing")
     finite = np.isfinite(ys)
     if not finite.any():
-        raise ValueError("y: no finite value to minimise")
+        raise FieldError("y", "no finite value to minimise")
     i = int(np.argmin(np.where(finite, ys, np.inf)))
     at_edge = i in (0, xs.size - 1)
     if at_edge or not (finite[i - 1] and finite[i + 1]):
@@ -188,12 +190,12 @@ def _positive_pairs(x: Sequence[float], y: Sequence[float], xname: str, yname: s
     xs = np.asarray(x, dtype=float)
     ys = np.asarray(y, dtype=float)
     if xs.shape != ys.shape or xs.ndim != 1:
-        raise ValueError(f"{xname}: must be 1-D and match {yname}, got {xs.shape} and {ys.shape}")
+        raise FieldError(xname, f"must be 1-D and match {yname}, got {xs.shape} and {ys.shape}")
     for name, arr in ((xname, xs), (yname, ys)):
         if not np.all(np.isfinite(arr) & (arr > 0)):
-            raise ValueError(f"{name}: every value must be finite and > 0, got {arr.tolist()}")
+            raise FieldError(name, f"every value must be finite and > 0, got {arr.tolist()}")
     if np.unique(xs).size < 2:
-        raise ValueError(f"{xname}: need at least 2 distinct values, got {xs.tolist()}")
+        raise FieldError(xname, f"need at least 2 distinct values, got {xs.tolist()}")
     return xs, ys
 
 
@@ -257,7 +259,7 @@ class StepsFit:
         helps). At 0.8 the bounds are B_crit/4 and 4 B_crit.
         """
         if not 0.5 < efficiency < 1:
-            raise ValueError(f"efficiency: must be in (0.5, 1), got {efficiency!r}")
+            raise FieldError("efficiency", f"must be in (0.5, 1), got {efficiency!r}")
         ratio = efficiency / (1 - efficiency)
         return self.critical_batch / ratio, self.critical_batch * ratio
 

@@ -25,21 +25,23 @@ from typing import NamedTuple
 
 import numpy as np
 
+from batchlab.errors import FieldError
+
 
 def _check_batches(small_batch: float, big_batch: float) -> None:
     if not small_batch > 0:
-        raise ValueError(f"small_batch: must be > 0, got {small_batch}")
+        raise FieldError("small_batch", f"must be > 0, got {small_batch}")
     if not big_batch > small_batch:
-        raise ValueError(
-            f"big_batch: must be larger than small_batch ({small_batch}), got {big_batch}"
+        raise FieldError(
+            "big_batch", f"must be larger than small_batch ({small_batch}), got {big_batch}"
         )
 
 
 def _check_sq_norm(name: str, value: np.ndarray) -> None:
     if not np.all(np.isfinite(value)):
-        raise ValueError(f"{name}: must be finite, got {value}")
+        raise FieldError(name, f"must be finite, got {value}")
     if np.any(value < 0):
-        raise ValueError(f"{name}: a squared norm must be >= 0, got {value}")
+        raise FieldError(name, f"a squared norm must be >= 0, got {value}")
 
 
 def two_batch_estimate(
@@ -85,13 +87,13 @@ def effective_batches(
     """
     sizes = np.asarray(micro_batches, float)
     if sizes.ndim != 1 or sizes.size < 2:
-        raise ValueError(f"micro_batches: needs at least 2 micro-batches, got {list(sizes)}")
+        raise FieldError("micro_batches", f"needs at least 2 micro-batches, got {list(sizes)}")
     if not np.all(sizes > 0):
-        raise ValueError(f"micro_batches: every size must be > 0, got {list(sizes)}")
+        raise FieldError("micro_batches", f"every size must be > 0, got {list(sizes)}")
     w = sizes / sizes.sum() if weights is None else np.asarray(weights, float)
     if w.shape != sizes.shape or np.any(w < 0) or not math.isclose(w.sum(), 1.0, rel_tol=1e-9):
-        raise ValueError(
-            f"weights: must be {sizes.size} non-negative numbers summing to 1, got {list(w)}"
+        raise FieldError(
+            "weights", f"must be {sizes.size} non-negative numbers summing to 1, got {list(w)}"
         )
     return float(1.0 / np.mean(1.0 / sizes)), float(1.0 / np.sum(w**2 / sizes))
 
@@ -112,8 +114,9 @@ def n_way_estimate(
     """
     norms = np.asarray(micro_sq_norms, float)
     if norms.shape != (len(micro_batches),):
-        raise ValueError(
-            f"micro_sq_norms: needs one norm per micro-batch ({len(micro_batches)}), got {norms.shape}"
+        raise FieldError(
+            "micro_sq_norms",
+            f"needs one norm per micro-batch ({len(micro_batches)}), got {norms.shape}",
         )
     small_batch, big_batch = effective_batches(micro_batches, weights)
     _check_sq_norm("micro_sq_norms", norms)
@@ -144,9 +147,9 @@ def t_quantile(p: float, dof: float) -> float:
     (12.706, 2.228, 0.0)
     """
     if not 0 < p < 1:
-        raise ValueError(f"p: must be in (0, 1), got {p}")
+        raise FieldError("p", f"must be in (0, 1), got {p}")
     if not dof >= 1:
-        raise ValueError(f"dof: must be >= 1, got {dof}")
+        raise FieldError("dof", f"must be >= 1, got {dof}")
     nu = math.floor(dof)
     if nu == 1:
         return math.tan(math.pi * (p - 0.5))
@@ -225,12 +228,12 @@ class NoiseEMA:
 
     def __post_init__(self) -> None:
         if not 0 < self.decay < 1:
-            raise ValueError(f"decay: must be in (0, 1), got {self.decay}")
+            raise FieldError("decay", f"must be in (0, 1), got {self.decay}")
 
     def update(self, grad_sq: float, trace_cov: float) -> NoiseEMA:
         """Fold in one measurement (finite numbers: skip non-finite ones before calling)."""
         if not (math.isfinite(grad_sq) and math.isfinite(trace_cov)):
-            raise ValueError(f"grad_sq: must be finite, got ({grad_sq}, {trace_cov})")
+            raise FieldError("grad_sq", f"must be finite, got ({grad_sq}, {trace_cov})")
         d = self.decay
         new = (grad_sq, trace_cov, grad_sq * grad_sq, trace_cov * trace_cov, grad_sq * trace_cov)
         moments = tuple(d * m + (1 - d) * x for m, x in zip(self.moments, new, strict=True))
@@ -239,7 +242,7 @@ class NoiseEMA:
     def estimate(self, confidence: float = 0.95) -> NoiseEstimate | None:
         """The noise scale with a ``confidence`` interval; ``None`` before two measurements."""
         if not 0 < confidence < 1:
-            raise ValueError(f"confidence: must be in (0, 1), got {confidence}")
+            raise FieldError("confidence", f"must be in (0, 1), got {confidence}")
         if self.count < 2:
             return None
         d, n = self.decay, self.count

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from batchlab.core.rules import ADAM_OPTIMIZERS, Advice, advise, check_number
+from batchlab.errors import FieldError
 
 # A step-time fit whose worst relative residual exceeds this is flagged (not refused): the affine
 # model then misstates the time at some measured batch size by more than a quarter.
@@ -97,14 +98,14 @@ def fit_step_time(
     b = np.asarray(batch_sizes, dtype=float)
     t = np.asarray(seconds, dtype=float)
     if b.shape != t.shape or b.ndim != 1 or b.size == 0:
-        raise ValueError(f"batch_sizes: must be 1-D, non-empty and match seconds, got {b.shape}")
+        raise FieldError("batch_sizes", f"must be 1-D, non-empty and match seconds, got {b.shape}")
     if np.unique(b).size != b.size:
-        raise ValueError(f"batch_sizes: must be distinct, got {b.tolist()}")
+        raise FieldError("batch_sizes", f"must be distinct, got {b.tolist()}")
     order = np.argsort(b)
     b, t = b[order], t[order]
     for name, arr in (("batch_sizes", b), ("seconds", t)):
         if not np.all(np.isfinite(arr) & (arr > 0)):
-            raise ValueError(f"{name}: every value must be finite and > 0, got {arr.tolist()}")
+            raise FieldError(name, f"every value must be finite and > 0, got {arr.tolist()}")
     if max_batch is not None:
         max_batch = int(check_number("max_batch", max_batch, low=1, integer=True))
     # Rows divided by t: minimises sum((fit/t - 1)^2), so fast and slow steps count alike.
@@ -235,8 +236,9 @@ def predict(
         if not math.isinf(high):
             check_number("critical_high", high, low=0.0, low_open=True)
         if not low <= bc <= high:
-            raise ValueError(
-                f"critical_interval: must contain the critical batch {bc:g}, got [{low:g}, {high:g}]"
+            raise FieldError(
+                "critical_interval",
+                f"must contain the critical batch {bc:g}, got [{low:g}, {high:g}]",
             )
         ends = [low, bc, high]
     out = []
@@ -269,14 +271,14 @@ def predict(
 def fastest(predictions: Sequence[Prediction]) -> Prediction:
     """The prediction with the least wall time to target (ties: fewer devices, smaller batch)."""
     if not predictions:
-        raise ValueError("batch_sizes: need at least one candidate batch size")
+        raise FieldError("batch_sizes", "need at least one candidate batch size")
     return min(predictions, key=lambda p: (p.wall_s, p.devices, p.batch_size))
 
 
 def cheapest(predictions: Sequence[Prediction]) -> Prediction:
     """The prediction with the fewest device-hours to target (ties: the faster, then smaller)."""
     if not predictions:
-        raise ValueError("batch_sizes: need at least one candidate batch size")
+        raise FieldError("batch_sizes", "need at least one candidate batch size")
     return min(predictions, key=lambda p: (p.device_hours, p.wall_s, p.batch_size))
 
 
@@ -344,7 +346,7 @@ class ThroughputTable:
     def from_dict(cls, data: Any) -> ThroughputTable:
         """Read a dict written by ``to_dict`` (a file someone sent: checked field by field)."""
         if not isinstance(data, dict) or data.get("format") != THROUGHPUT_FORMAT:
-            raise ValueError(f"throughput: not a {THROUGHPUT_FORMAT} object")
+            raise FieldError("throughput", f"not a {THROUGHPUT_FORMAT} object")
         fields = {
             "device": str,
             "task": str,
@@ -358,22 +360,22 @@ class ThroughputTable:
         for name, kind in fields.items():
             value = data.get(name)
             if not isinstance(value, kind) or isinstance(value, bool):
-                raise ValueError(f"throughput: {name} must be a {kind.__name__}, got {value!r}")
+                raise FieldError("throughput", f"{name} must be a {kind.__name__}, got {value!r}")
             kw[name] = value
         sizes = data.get("batch_sizes")
         if not isinstance(sizes, list) or not sizes:
-            raise ValueError(f"throughput: batch_sizes must be a non-empty list, got {sizes!r}")
+            raise FieldError("throughput", f"batch_sizes must be a non-empty list, got {sizes!r}")
         kw["batch_sizes"] = tuple(
             int(check_number("throughput: batch_sizes", b, low=1, integer=True)) for b in sizes
         )
         for name in ("seconds", "spread"):
             values = data.get(name)
             if not isinstance(values, list) or len(values) != len(sizes):
-                raise ValueError(f"throughput: {name} must be a list as long as batch_sizes")
+                raise FieldError("throughput", f"{name} must be a list as long as batch_sizes")
             kw[name] = tuple(check_number(f"throughput: {name}", v, low=0.0) for v in values)
         memory = data.get("peak_memory", [])
         if not isinstance(memory, list) or (memory and len(memory) != len(sizes)):
-            raise ValueError("throughput: peak_memory must be empty or as long as batch_sizes")
+            raise FieldError("throughput", "peak_memory must be empty or as long as batch_sizes")
         kw["peak_memory"] = tuple(
             None if v is None else check_number("throughput: peak_memory", v, low=0.0)
             for v in memory

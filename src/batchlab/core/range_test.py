@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from batchlab.core.fit import PowerLawFit, fit_power_law
+from batchlab.errors import FieldError
 
 SUGGESTIONS = ("steepest", "valley", "min_over_10", "divergence")
 
@@ -28,18 +29,18 @@ def _log_lrs(lrs: Sequence[float] | np.ndarray) -> np.ndarray:
     """log10 of a strictly increasing, positive, finite LR array (errors name ``lrs``)."""
     arr = np.asarray(lrs, dtype=float)
     if arr.ndim != 1:
-        raise ValueError(f"lrs: must be a 1-d sequence, got shape {arr.shape}")
+        raise FieldError("lrs", f"must be a 1-d sequence, got shape {arr.shape}")
     if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise ValueError("lrs: must be finite and > 0")
+        raise FieldError("lrs", "must be finite and > 0")
     if np.any(np.diff(arr) <= 0):
-        raise ValueError("lrs: must be strictly increasing (an LR range test ramps up)")
+        raise FieldError("lrs", "must be strictly increasing (an LR range test ramps up)")
     return np.log10(arr)
 
 
 def _matching(lrs: np.ndarray, losses: Sequence[float] | np.ndarray) -> np.ndarray:
     out = np.asarray(losses, dtype=float)
     if out.shape != lrs.shape:
-        raise ValueError(f"losses: must have one value per lr ({lrs.shape[0]}), got {out.shape}")
+        raise FieldError("losses", f"must have one value per lr ({lrs.shape[0]}), got {out.shape}")
     return out
 
 
@@ -91,10 +92,10 @@ def smooth_log_lr(
     u = _log_lrs(lrs)
     y = _matching(u, losses)
     if not np.all(np.isfinite(y)):
-        raise ValueError("losses: must be finite (smooth only the points before divergence)")
+        raise FieldError("losses", "must be finite (smooth only the points before divergence)")
     h = default_bandwidth(lrs) if bandwidth is None else float(bandwidth)
     if h < 0 or not math.isfinite(h):
-        raise ValueError(f"bandwidth: must be a finite number >= 0 (decades), got {bandwidth!r}")
+        raise FieldError("bandwidth", f"must be a finite number >= 0 (decades), got {bandwidth!r}")
     if h == 0 or y.size < 3:
         return y.copy()
     if np.all(y > 0):
@@ -109,7 +110,7 @@ def ema(values: Sequence[float] | np.ndarray, beta: float) -> np.ndarray:
     [1.0, 1.0, 2.714286]
     """
     if not 0.0 <= beta < 1.0:
-        raise ValueError(f"beta: must be in [0, 1), got {beta!r}")
+        raise FieldError("beta", f"must be in [0, 1), got {beta!r}")
     vals = np.asarray(values, dtype=float)
     out = np.empty_like(vals)
     acc = 0.0
@@ -134,7 +135,7 @@ def divergence_index(
     (2, True)
     """
     if not factor > 1.0:
-        raise ValueError(f"factor: must be > 1, got {factor!r}")
+        raise FieldError("factor", f"must be > 1, got {factor!r}")
     vals = np.asarray(losses, dtype=float)
     bad = np.flatnonzero(~np.isfinite(vals))
     stop = int(bad[0]) if bad.size else vals.size
@@ -231,7 +232,7 @@ def suggest_lrs(
     (True, True)
     """
     if min_points < 3:
-        raise ValueError(f"min_points: must be >= 3, got {min_points!r}")
+        raise FieldError("min_points", f"must be >= 3, got {min_points!r}")
     lr = np.asarray(lrs, dtype=float)
     u = np.log10(lr)
     smoothed, cut = smooth_before_divergence(lr, losses, bandwidth=bandwidth, factor=factor)
@@ -281,7 +282,7 @@ def consensus(lrs: Sequence[float | None]) -> Consensus:
     if vals.size == 0:
         return Consensus(None, None, None, None, 0)
     if np.any(~np.isfinite(vals)) or np.any(vals <= 0):
-        raise ValueError("lrs: must be finite and > 0 (or None)")
+        raise FieldError("lrs", "must be finite and > 0 (or None)")
     logs = np.log(vals)
     spread = float(np.exp(logs.std(ddof=1))) if vals.size > 1 else None
     return Consensus(
@@ -301,8 +302,8 @@ def fit_lr_exponent(
     (0.5, 0.01)
     """
     if len(batch_sizes) != len(lrs):
-        raise ValueError(
-            f"lrs: must have one value per batch size ({len(batch_sizes)}), got {len(lrs)}"
+        raise FieldError(
+            "lrs", f"must have one value per batch size ({len(batch_sizes)}), got {len(lrs)}"
         )
     pairs = [(b, v) for b, v in zip(batch_sizes, lrs, strict=True) if v is not None]
     if len({b for b, _ in pairs}) < 2:

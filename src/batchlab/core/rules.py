@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from batchlab.errors import FieldError
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 ADAM_OPTIMIZERS = ("adam", "adamw")
 RULES = ("auto", "linear", "sqrt", "adam_sqrt", "critical", "surge")
@@ -71,14 +73,14 @@ def check_number(
     high_open: bool = False,
     integer: bool = False,
 ) -> float:
-    """Return ``value`` as a float if it is a finite number in the interval, else raise ValueError.
+    """Return ``value`` as a float if it is a finite number in the interval, else raise FieldError.
 
     >>> check_number("lr", 0.1, low=0.0, low_open=True)
     0.1
     >>> check_number("momentum", 1.0, low=0.0, high=1.0, high_open=True)
     Traceback (most recent call last):
     ...
-    ValueError: momentum: must be a number in [0, 1), got 1.0
+    batchlab.errors.FieldError: momentum: must be a number in [0, 1), got 1.0
     """
     kind = "an integer" if integer else "a number"
     if low is not None and high is not None:
@@ -94,7 +96,7 @@ def check_number(
     ok = ok and (low is None or (value > low if low_open else value >= low))
     ok = ok and (high is None or (value < high if high_open else value <= high))
     if not ok:
-        raise ValueError(f"{field}: must be {allowed}, got {value!r}")
+        raise FieldError(field, f"must be {allowed}, got {value!r}")
     return float(value)
 
 
@@ -253,10 +255,11 @@ def adam_sqrt(
     betas = {"beta1": _check_beta("beta1", beta1), "beta2": _check_beta("beta2", beta2)}
     for name, beta in betas.items():
         if k * (1.0 - beta) > 1.0:
-            raise ValueError(
-                f"batch_size: adam_sqrt needs k (1 - {name}) <= 1, but k = {k:g} with {name} = "
+            raise FieldError(
+                "batch_size",
+                f"adam_sqrt needs k (1 - {name}) <= 1, but k = {k:g} with {name} = "
                 f"{beta:g} gives {name} = {1 - k * (1 - beta):.3g}; the rule holds for k <= "
-                f"{1 / (1 - beta):g} ({SOURCES['adam_sqrt']})"
+                f"{1 / (1 - beta):g} ({SOURCES['adam_sqrt']})",
             )
         betas[name] = 1.0 - k * (1.0 - beta)
     lr = lr0 * math.sqrt(k)
@@ -305,7 +308,7 @@ def _noise_rule(
     """lr(B) = lr_max * shape(B, B_noise) with lr_max fitted through (B0, lr0)."""
     b0, lr0, b1, _ = _checked(base_batch, base_lr, batch_size)
     if noise_scale is None:
-        raise ValueError(f"noise_scale: rule {rule!r} needs a measured gradient noise scale")
+        raise FieldError("noise_scale", f"rule {rule!r} needs a measured gradient noise scale")
     bn = check_number("noise_scale", noise_scale, low=0.0, low_open=True)
     lr = lr0 * (shape(b1, bn) / shape(b0, bn))
     fit = {"noise_scale": bn, "lr_max": lr0 / shape(b0, bn)}
@@ -419,8 +422,8 @@ def auto(
     why = f"auto: {optimizer} with {known} -> {name} ({_AUTO_WHY[name]})"
     try:
         result = _call(name, base_batch, base_lr, batch_size, noise_scale, options)
-    except ValueError as err:
-        if name != "adam_sqrt" or not str(err).startswith("batch_size:"):
+    except FieldError as err:
+        if name != "adam_sqrt" or err.field != "batch_size":
             raise
         result = _call("sqrt", base_batch, base_lr, batch_size, None, options)
         note = (
@@ -447,7 +450,7 @@ def rule_options(rule: str) -> frozenset[str]:
     if rule == "auto":
         return frozenset().union(*(rule_options(name) for name in RULE_FUNCTIONS))
     if rule not in RULE_FUNCTIONS:
-        raise ValueError(f"rule: must be one of {', '.join(RULES)}, got {rule!r}")
+        raise FieldError("rule", f"must be one of {', '.join(RULES)}, got {rule!r}")
     params = inspect.signature(RULE_FUNCTIONS[rule]).parameters.values()
     return frozenset(p.name for p in params if p.kind is p.KEYWORD_ONLY) - {"noise_scale"}
 
@@ -456,14 +459,14 @@ def _check_options(rule: str, options: dict[str, Any]) -> None:
     allowed = rule_options(rule)
     for name in options:
         if name not in allowed:
-            raise ValueError(
-                f"{name}: not an option of rule {rule!r}; allowed: {', '.join(sorted(allowed))}"
+            raise FieldError(
+                name, f"not an option of rule {rule!r}; allowed: {', '.join(sorted(allowed))}"
             )
 
 
 def _check_optimizer(optimizer: str) -> None:
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer: must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        raise FieldError("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
 
 
 def _call(
@@ -551,9 +554,10 @@ def momentum_for_temperature(temperature: float, lr: float, n_train: int, batch_
     g = check_number("temperature", temperature, low=0.0, low_open=True)
     m = 1.0 - noise_temperature(lr, n_train, batch_size) / g
     if not 0.0 <= m < 1.0:
-        raise ValueError(
-            f"momentum: keeping g = {g:g} at lr = {lr:g}, batch size {batch_size} needs momentum "
-            f"{m:.4g}, outside [0, 1)"
+        raise FieldError(
+            "momentum",
+            f"keeping g = {g:g} at lr = {lr:g}, batch size {batch_size} needs momentum "
+            f"{m:.4g}, outside [0, 1)",
         )
     return m
 

@@ -50,6 +50,7 @@ from batchlab.core.rules import (
     apply_rule,
     check_number,
 )
+from batchlab.errors import FieldError
 
 Schedule = Callable[[float], float]
 
@@ -147,11 +148,11 @@ def multistep_schedule(
     """
     bounds = [float(b) for b in boundaries]
     if bounds != sorted(bounds):
-        raise ValueError(f"boundaries: must be non-decreasing, got {list(boundaries)}")
+        raise FieldError("boundaries", f"must be non-decreasing, got {list(boundaries)}")
     factors = [gamma] * len(bounds) if isinstance(gamma, int | float) else list(gamma)
     if len(factors) != len(bounds):
-        raise ValueError(
-            f"gamma: needs one factor per boundary ({len(bounds)}), got {len(factors)}"
+        raise FieldError(
+            "gamma", f"needs one factor per boundary ({len(bounds)}), got {len(factors)}"
         )
     values = [init_value]
     for factor in factors:
@@ -181,12 +182,12 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[float]) -
     """
     starts = [0.0, *(float(b) for b in boundaries)]
     if len(schedules) != len(starts):
-        raise ValueError(
-            f"schedules: need one more schedule than boundaries, got {len(schedules)} and "
-            f"{len(boundaries)}"
+        raise FieldError(
+            "schedules",
+            f"need one more schedule than boundaries, got {len(schedules)} and {len(boundaries)}",
         )
     if starts != sorted(starts):
-        raise ValueError(f"boundaries: must be non-decreasing and >= 0, got {list(boundaries)}")
+        raise FieldError("boundaries", f"must be non-decreasing and >= 0, got {list(boundaries)}")
 
     def joined(step: float) -> float:
         i = bisect.bisect_right(starts, step) - 1 if step >= 0 else 0
@@ -215,7 +216,7 @@ def with_warmup(
     0.1
     """
     if kind not in WARMUPS:
-        raise ValueError(f"warmup: must be one of {', '.join(WARMUPS)}, got {kind!r}")
+        raise FieldError("warmup", f"must be one of {', '.join(WARMUPS)}, got {kind!r}")
     check_number("warmup_steps", warmup_steps, low=0.0)
     start = WARMUP_START[kind] if start_factor is None else start_factor
     _check_warmup_start(kind, start, "start_factor")
@@ -237,11 +238,11 @@ def _check_fractions(field: str, value: Any) -> tuple[float, ...]:
     if not ok or not all(
         isinstance(f, int | float) and not isinstance(f, bool) and 0 < f <= 1 for f in fractions
     ):
-        raise ValueError(
-            f"{field}: must be a list of fractions of the budget in (0, 1], got {value!r}"
+        raise FieldError(
+            field, f"must be a list of fractions of the budget in (0, 1], got {value!r}"
         )
     if list(fractions) != sorted(fractions):
-        raise ValueError(f"{field}: must be non-decreasing, got {value!r}")
+        raise FieldError(field, f"must be non-decreasing, got {value!r}")
     return tuple(float(f) for f in fractions)
 
 
@@ -249,7 +250,7 @@ def _check_gamma(field: str, value: Any, count: int) -> float | tuple[float, ...
     """One decay factor > 0, or (multistep) one per milestone."""
     if isinstance(value, Sequence) and not isinstance(value, str):
         if len(value) != count:
-            raise ValueError(f"{field}: needs one factor per milestone ({count}), got {value!r}")
+            raise FieldError(field, f"needs one factor per milestone ({count}), got {value!r}")
         return tuple(check_number(field, v, low=0.0, low_open=True) for v in value)
     return check_number(field, value, low=0.0, low_open=True)
 
@@ -265,15 +266,15 @@ def resolve_schedule_options(
     {'milestones': (0.5, 0.75), 'gamma': 0.2, 'warmup_start': 0.0}
     """
     if name not in SCHEDULE_OPTIONS:
-        raise ValueError(f"schedule: must be one of {', '.join(LR_SCHEDULES)}, got {name!r}")
+        raise FieldError("schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {name!r}")
     if warmup not in WARMUPS:
-        raise ValueError(f"warmup: must be one of {', '.join(WARMUPS)}, got {warmup!r}")
+        raise FieldError("warmup", f"must be one of {', '.join(WARMUPS)}, got {warmup!r}")
     resolved = {**SCHEDULE_OPTIONS[name], "warmup_start": WARMUP_START[warmup]}
     for key in options:
         if key not in resolved:
-            raise ValueError(
-                f"schedule_options.{key}: unknown for schedule {name!r}; allowed: "
-                f"{', '.join(resolved)}"
+            raise FieldError(
+                f"schedule_options.{key}",
+                f"unknown for schedule {name!r}; allowed: {', '.join(resolved)}",
             )
     resolved.update(options)
     for key, value in resolved.items():
@@ -292,8 +293,8 @@ def resolve_schedule_options(
         count = len(resolved.get("milestones", ()))
         resolved["gamma"] = _check_gamma("schedule_options.gamma", resolved["gamma"], count)
         if name == "step" and isinstance(resolved["gamma"], tuple):
-            raise ValueError(
-                f"schedule_options.gamma: must be one number for step, got {resolved['gamma']!r}"
+            raise FieldError(
+                "schedule_options.gamma", f"must be one number for step, got {resolved['gamma']!r}"
             )
     return resolved
 
@@ -471,7 +472,7 @@ def increase_batch(
         "milestones", [check_number("milestones", m) / epochs for m in milestones]
     )
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer: must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        raise FieldError("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     power = 0.5 if optimizer in ADAM_OPTIMIZERS else 1.0
     batch_schedule, lr_milestones, factors = [], [], []
     size, ideal = b0, float(b0)

@@ -32,6 +32,7 @@ from batchlab.core.range_test import (
     smooth_before_divergence,
     suggest_lrs,
 )
+from batchlab.engine import optim
 from batchlab.engine.data import BatchStream, resolve_device
 from batchlab.engine.spec import OPTIMIZERS, SpecError
 from batchlab.engine.tasks import Task, get_task
@@ -40,12 +41,6 @@ log = logging.getLogger(__name__)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Batches = tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]]
-
-_OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-}
 
 
 @dataclass
@@ -130,15 +125,12 @@ def _build_optimizer(
         if options:
             raise SpecError("optimizer", "options only go with an optimizer name, not an instance")
         return optimizer, False
-    if optimizer not in _OPTIMIZER_CLASSES:
+    if optimizer not in optim.REGISTRY:
         raise SpecError(
             "optimizer",
             f"must be one of {', '.join(OPTIMIZERS)} or a torch optimizer, got {optimizer!r}",
         )
-    try:
-        return _OPTIMIZER_CLASSES[optimizer](params, lr=lr, **options), True
-    except (TypeError, ValueError) as exc:
-        raise SpecError("optimizer", f"bad option for {optimizer}: {exc}") from exc
+    return optim.build(optimizer, params, lr, **options), True
 
 
 def _batch_iterator(
@@ -221,6 +213,7 @@ def lr_range_test(
         raise SpecError("diverge_factor", f"must be > 1, got {diverge_factor!r}")
     device = params[0].device
     opt, owned = _build_optimizer(optimizer, params, float(lrs[0]), optimizer_options)
+    ratios = optim.lr_ratios(opt)  # groups of a caller's optimizer keep their lr ratios
     batches = _batch_iterator(data, batch_size, seed, device)
 
     saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -245,8 +238,7 @@ def lr_range_test(
                 raise SpecError("model", f"the loss is not finite before the test ({initial})")
             size = int(xb.shape[0])
             for lr in lrs:
-                for group in opt.param_groups:
-                    group["lr"] = float(lr)
+                optim.set_lr(opt, float(lr), ratios)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

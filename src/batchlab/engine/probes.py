@@ -166,6 +166,7 @@ from torch.overrides import TorchFunctionMode
 from batchlab.core import noise as noise_module
 from batchlab.core.noise import NoiseEMA, NoiseEstimate, effective_batches, two_batch_estimate
 from batchlab.engine.spec import SpecError
+from batchlab.errors import FieldError
 
 log = logging.getLogger(__name__)
 
@@ -848,8 +849,8 @@ class GradientNoiseScale:
             raise SpecError("confidence", f"must be in (0, 1), got {confidence}")
         try:
             self._ema = NoiseEMA(decay)
-        except ValueError as exc:
-            raise SpecError("decay", str(exc).split(": ", 1)[1]) from None
+        except FieldError as exc:
+            raise SpecError("decay", exc.message) from None
         ddp = isinstance(model, DistributedDataParallel)
         net = model.module if ddp else model
         self.model, self.mode, self.loss_fn = model, mode, loss_fn

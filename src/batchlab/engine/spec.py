@@ -13,15 +13,16 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any
 
 from batchlab.core.rules import OPTIMIZERS
 from batchlab.core.schedules import LR_SCHEDULES, WARMUPS
+from batchlab.errors import FieldError
 
 BUDGET_UNITS = ("epochs", "steps", "samples")
 NOISE_MODES = ("per_example", "split", "accumulation")
 """Noise-scale modes of one process; ``distributed`` needs one process per rank (torchrun)."""
-Status = Literal["ok", "diverged", "failed"]
 FLOAT_FIELDS = (
     "lr",
     "momentum",
@@ -36,12 +37,50 @@ FLOAT_FIELDS = (
 """Fields stored as floats whatever number type was given, so ``lr=1`` and ``lr=1.0`` share an id."""
 
 
-class SpecError(ValueError):
-    """A bad field in a spec: the message names the field and what is allowed."""
+class RunStatus(StrEnum):
+    """How a run ended; the values are what the store keeps (``status`` column)."""
 
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
+    OK = "ok"
+    DIVERGED = "diverged"
+    FAILED = "failed"
+
+
+class HistoryKey(StrEnum):
+    """The keys of a history row (one row per evaluation): the engine writes them, the store keeps
+    them, analysis and report read them."""
+
+    STEP = "step"
+    SAMPLES = "samples"
+    EPOCH = "epoch"
+    LR = "lr"
+    BATCH_SIZE = "batch_size"
+    TRAIN_LOSS = "train_loss"
+    VAL_LOSS = "val_loss"
+    VAL_METRIC = "val_metric"
+    WALL_S = "wall_s"
+    NOISE_SCALE = "noise_scale"
+    NOISE_SCALE_LOW = "noise_scale_low"
+    NOISE_SCALE_HIGH = "noise_scale_high"
+
+
+HISTORY_COLUMNS: tuple[tuple[HistoryKey, type], ...] = (
+    (HistoryKey.STEP, int),
+    (HistoryKey.SAMPLES, int),
+    (HistoryKey.EPOCH, float),
+    (HistoryKey.LR, float),
+    (HistoryKey.BATCH_SIZE, int),
+    (HistoryKey.TRAIN_LOSS, float),
+    (HistoryKey.VAL_LOSS, float),
+    (HistoryKey.VAL_METRIC, float),
+    (HistoryKey.WALL_S, float),
+    (HistoryKey.NOISE_SCALE, float),
+)
+"""Keys every history row has (``noise_scale`` None when not measured), with their types, in the
+store's column order; other keys (the noise-scale interval) are optional."""
+
+
+class SpecError(FieldError):
+    """A bad field in a spec (or in an engine call): ``field`` names it, ``message`` what is allowed."""
 
 
 def _freeze(value: Any) -> Any:
@@ -251,7 +290,7 @@ class RunResult:
     """
 
     spec: RunSpec
-    status: Status
+    status: RunStatus
     steps: int
     samples: int
     wall_s: float

@@ -3,7 +3,7 @@
 Each batch size trains ``warmup`` steps untimed (allocator, kernel selection, lazy optimizer
 state), then times ``repeats`` steps one by one (CUDA: synchronised) and keeps the median. A step
 is what the engine does per update: an index slice of a permutation of the training set,
-forward, backward and the spec's optimizer (``make_optimizer``, fused where torch has it).
+forward, backward and the spec's optimizer (``optim.from_spec``, fused where torch has it).
 
 Largest batch that fits: on CUDA the peak allocated memory of each measured batch size is fitted
 as ``m0 + m1 B`` and solved for ``MEMORY_SHARE`` of the device's memory; a batch that runs out of
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from batchlab.core.plan import ThroughputTable
+from batchlab.engine import optim
 from batchlab.engine.data import resolve_device
 from batchlab.engine.spec import RunSpec, SpecError
 from batchlab.engine.tasks import Task
-from batchlab.engine.train import make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def measure_throughput(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     spec = RunSpec(task=task.name, batch_size=sizes[0], lr=lr, optimizer=optimizer)
-    opt = make_optimizer(spec, params)
+    opt = optim.from_spec(spec, params)
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(task.n_train, generator=gen).to(dev)
 

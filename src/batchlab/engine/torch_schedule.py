@@ -3,7 +3,9 @@
 ``ScheduleLR`` sets each parameter group's lr to ``schedule(step)``, with the step counted by
 ``scheduler.step()`` calls (one per optimizer update, as the engine counts). Unlike ``LambdaLR`` the
 schedule returns the learning rate itself, not a factor of the optimizer's initial lr, so a schedule
-built for lr 3.2 gives 3.2 whatever the optimizer was created with.
+built for lr 3.2 gives 3.2 whatever the optimizer was created with. With one schedule for groups of
+different initial lrs, the largest group gets ``schedule(step)`` and every other group keeps its
+ratio to it (``engine.optim.set_lr``).
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from batchlab.core.schedules import Schedule, build_lr_schedule
+from batchlab.engine.optim import ratios_to_largest
 
 
 class ScheduleLR(LRScheduler):
-    """Set every parameter group's lr to ``schedule(step)``; one schedule for all groups or a
-    sequence of one per group.
+    """Set every parameter group's lr to ``schedule(step)``; one schedule for all groups (each
+    keeping its initial ratio to the largest group's lr) or a sequence of one per group.
 
     The schedules are plain functions, so ``state_dict`` keeps only the step count; rebuild the
     scheduler with the same schedules before ``load_state_dict``.
@@ -38,11 +41,13 @@ class ScheduleLR(LRScheduler):
                 f"schedule: need one schedule per parameter group ({groups}), got {len(schedules)}"
             )
         self.schedules = schedules
+        self.shared = callable(schedule)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
         """The learning rate of each group at the current step (``last_epoch``)."""
-        return [float(schedule(self.last_epoch)) for schedule in self.schedules]
+        ratios = ratios_to_largest(self.base_lrs) if self.shared else [1.0] * len(self.schedules)
+        return [float(s(self.last_epoch)) * r for s, r in zip(self.schedules, ratios, strict=True)]
 
     _get_closed_form_lr = get_lr
 

@@ -28,16 +28,19 @@ import math
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from batchlab.core.schedules import batch_size_at, build_lr_schedule
+from batchlab.engine import optim
 from batchlab.engine.data import BatchStream, resolve_device
-from batchlab.engine.spec import RunResult, RunSpec, SpecError
+from batchlab.engine.spec import HistoryKey as H
+from batchlab.engine.spec import RunResult, RunSpec, RunStatus, SpecError
 from batchlab.engine.tasks import Task, get_task
+from batchlab.errors import FieldError
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +140,10 @@ def plan(spec: RunSpec, n_train: int) -> Plan:
     )
     try:
         lr_schedule(spec, resolved)
-    except ValueError as exc:  # core reports "field: message"
-        field, _, message = str(exc).partition(": ")
-        raise SpecError(field if message else "schedule_options", message or str(exc)) from exc
+    except FieldError as exc:
+        raise SpecError(exc.field, exc.message) from exc
+    except ValueError as exc:  # not a field's error, e.g. an option of the wrong type
+        raise SpecError("schedule_options", str(exc)) from exc
     return resolved
 
 
@@ -195,25 +199,6 @@ def _chunked_eval(
     return loss_sum / x.shape[0], metric_sum / x.shape[0]
 
 
-def make_optimizer(spec: RunSpec, params: list[Tensor]) -> torch.optim.Optimizer:
-    """The spec's ``torch.optim`` optimizer, fused where torch has a fused kernel for the device.
-
-    The fused kernels compute the same update (measured: 1e-7 relative after 100 steps) about 10%
-    faster per step for small models on a CPU, where the optimizer's per-tensor overhead counts.
-    """
-    if spec.optimizer == "sgd":
-        cls: type[torch.optim.Optimizer] = torch.optim.SGD
-        kw: dict[str, Any] = {"momentum": spec.momentum, "nesterov": spec.nesterov}
-    else:
-        cls = torch.optim.Adam if spec.optimizer == "adam" else torch.optim.AdamW
-        kw = {"betas": (spec.beta1, spec.beta2), "eps": spec.eps}
-    kw.update(lr=spec.lr, weight_decay=spec.weight_decay)
-    try:
-        return cls(params, fused=True, **kw)
-    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
-        return cls(params, **kw)
-
-
 class _Solo:
     """One ``nn.Module`` trained by ``torch.optim``: the reference every ensemble is tested against."""
 
@@ -224,7 +209,8 @@ class _Solo:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise SpecError("task", f"the model of {spec.task} has no trainable parameters")
-        self.opt = make_optimizer(spec, params)
+        self.opt = optim.from_spec(spec, params)
+        self.ratios = optim.lr_ratios(self.opt)
         self.noise = None
         if spec.noise_scale:
             from batchlab.engine.probes import GradientNoiseScale
@@ -234,13 +220,12 @@ class _Solo:
                 spec.resolved_noise_mode,
                 loss_fn=task.loss_fn,
                 n_micro=spec.noise_splits,
-                precondition=self.opt if spec.optimizer != "sgd" else None,
+                precondition=self.opt if optim.REGISTRY[spec.optimizer].adaptive else None,
             )
 
     def step(self, idx: list[Tensor], lrs: list[float]) -> Tensor:
         """One update on batch ``idx[0]``; returns the batch loss before the update, shape (1,)."""
-        for group in self.opt.param_groups:
-            group["lr"] = lrs[0]
+        optim.set_lr(self.opt, lrs[0], self.ratios)
         x, y = self.task.x_train[idx[0]], self.task.y_train[idx[0]]
         self.opt.zero_grad(set_to_none=True)
         micro = self.spec.micro_batch_size
@@ -277,7 +262,7 @@ class _Solo:
         est = self.noise.estimate() if self.noise is not None else None
         if est is None:
             return None
-        return {"noise_scale": est.value, "noise_scale_low": est.low, "noise_scale_high": est.high}
+        return {H.NOISE_SCALE: est.value, H.NOISE_SCALE_LOW: est.low, H.NOISE_SCALE_HIGH: est.high}
 
     def extra(self) -> dict[str, Any]:
         """How the noise scale was measured: the mode in force (``split`` after a fall-back), why
@@ -312,13 +297,11 @@ class _Ensemble:
         from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
         self.task, self.specs, self.size = task, list(specs), len(specs)
-        spec = specs[0]
         models = [task.make_model(s.seed).to(device) for s in specs]
         stacked, _ = stack_module_state(models)
         self.layout = [(name, v.shape[1:]) for name, v in stacked.items()]
         self.flat = torch.cat([v.detach().reshape(self.size, -1) for v in stacked.values()], 1)
         base = copy.deepcopy(models[0]).to("meta")
-        self.optimizer, self.nesterov = spec.optimizer, spec.nesterov
 
         def member_logits(p: dict[str, Tensor], x: Tensor) -> Tensor:
             return functional_call(base, p, (x,))
@@ -330,17 +313,9 @@ class _Ensemble:
         dims = None if self.shared_batch else 0
         self._grad = vmap(grad_and_value(member_loss), in_dims=(0, dims, dims))
         self._logits = vmap(member_logits, in_dims=(0, None))
-
-        def per_member(name: str) -> Tensor:
-            return torch.tensor([float(getattr(s, name)) for s in specs], device=device)[:, None]
-
-        names = ("momentum", "weight_decay", "beta1", "beta2", "eps")
-        self.hyper = {name: per_member(name) for name in names}
-        self.decay = any(s.weight_decay for s in specs)
-        self.s1, self.s2 = torch.zeros_like(self.flat), torch.zeros_like(self.flat)
+        self.opt = optim.VectorizedOptimizer(specs, self.flat)
         self.members = list(range(self.size))  # which of the K runs each row of the stack is
         self._views()
-        self.t = 0
 
     def _views(self) -> None:
         """``params``: one view of ``flat`` per parameter, and the rows' member indices."""
@@ -368,28 +343,8 @@ class _Ensemble:
         grads, losses = self._grad(self.params, x, y)
         g = torch.cat([grads[name].reshape(len(self.members), -1) for name, _ in self.layout], 1)
         lr = torch.tensor([lrs[m] for m in self.members], device=losses.device)[:, None]
-        self.t += 1
-        with torch.no_grad():
-            self._update(g, lr)
+        self.opt.step(self.flat, g, lr)
         return self._scatter(losses.detach())
-
-    def _update(self, g: Tensor, lr: Tensor) -> None:
-        p, h, s1 = self.flat, self.hyper, self.s1
-        if self.optimizer == "sgd":
-            if self.decay:
-                g = g + h["weight_decay"] * p
-            s1.mul_(h["momentum"]).add_(g)  # momentum buffer (zero-initialised: same as torch)
-            p.sub_(lr * (g + h["momentum"] * s1 if self.nesterov else s1))
-            return
-        if self.optimizer == "adamw":
-            p.mul_(1 - lr * h["weight_decay"])
-        elif self.decay:
-            g = g + h["weight_decay"] * p
-        b1, b2 = h["beta1"], h["beta2"]
-        s1.lerp_(g, 1 - b1)
-        self.s2.mul_(b2).addcmul_(g, g * (1 - b2))
-        denom = (self.s2.sqrt() / torch.sqrt(1 - b2**self.t)).add_(h["eps"])
-        p.sub_(lr / (1 - b1**self.t) * s1 / denom)
 
     @torch.no_grad()
     def evaluate(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -415,8 +370,8 @@ class _Ensemble:
         """Take a diverged member out of the stack (its weights and optimizer state with it)."""
         keep = [i for i, m in enumerate(self.members) if m != member]
         self.members = [self.members[i] for i in keep]
-        self.flat, self.s1, self.s2 = (t[keep] for t in (self.flat, self.s1, self.s2))
-        self.hyper = {k: v[keep] for k, v in self.hyper.items()}
+        self.flat = self.flat[keep]
+        self.opt.keep(keep)
         self._views()
 
     def weights(self, member: int) -> dict[str, Tensor]:
@@ -456,6 +411,126 @@ def _nan_final() -> dict[str, float]:
     return {k: math.nan for k in ("train_loss", "train_metric", "val_loss", "val_metric")}
 
 
+@dataclass
+class _Member:
+    """One run's state in the loop: its spec and schedule, its history, and how it ended."""
+
+    spec: RunSpec
+    schedule: Callable[[float], float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    loss_sum: float = 0.0
+    """Sum of the training losses since the last evaluation (python floats: the losses are on the
+    host for the divergence check anyway)."""
+    threshold: float = math.inf
+    """A loss above this ends the run: ``diverge_factor`` times its first loss."""
+    diverged_at: int | None = None
+    stopped_samples: int = 0
+
+    @property
+    def alive(self) -> bool:
+        """Whether the run is still training."""
+        return self.diverged_at is None
+
+    def take(self, loss: float, step: int, samples: int) -> bool:
+        """Count the batch loss of ``step``; True when it ends the run as diverged (non-finite, or
+        above ``threshold``)."""
+        self.loss_sum += loss
+        if step == 1 and math.isfinite(loss):
+            self.threshold = self.spec.diverge_factor * max(loss, 1e-12)
+        if math.isfinite(loss) and loss <= self.threshold:
+            return False
+        self.diverged_at, self.stopped_samples = step, samples
+        return True
+
+
+def _evaluate(
+    stepper: _Solo | _Ensemble,
+    members: list[_Member],
+    task: Task,
+    p: Plan,
+    at: tuple[int, int, int],
+    n_since: int,
+    clock: Callable[[], float],
+) -> None:
+    """Evaluate on the validation set and append a history row to every member still training;
+    ``at`` is (step, samples, batch size), ``n_since`` the steps since the last evaluation and
+    ``clock()`` the wall time per member so far (read after the evaluation)."""
+    step, samples, batch = at
+    val_loss, val_metric = (t.tolist() for t in stepper.evaluate(task.x_val, task.y_val))
+    wall_s = clock()
+    noise = stepper.noise_scale() or {H.NOISE_SCALE: None}
+    for k, m in enumerate(members):
+        if m.alive:
+            m.history.append(
+                {
+                    H.STEP: step,
+                    H.SAMPLES: samples,
+                    H.EPOCH: samples / p.n_train,
+                    H.LR: m.schedule(samples / m.spec.batch_size),
+                    H.BATCH_SIZE: batch,
+                    H.TRAIN_LOSS: m.loss_sum / n_since if n_since else math.nan,
+                    H.VAL_LOSS: val_loss[k],
+                    H.VAL_METRIC: val_metric[k],
+                    H.WALL_S: wall_s,
+                    **noise,
+                }
+            )
+        m.loss_sum = 0.0
+
+
+def _results(
+    stepper: _Solo | _Ensemble,
+    members: list[_Member],
+    task: Task,
+    p: Plan,
+    done: tuple[int, int],
+    wall_s: float,
+    keep_weights: bool,
+    device: torch.device,
+) -> list[RunResult]:
+    """One result per member after the loop: full-set final numbers of the runs that finished,
+    ``diverged`` with NaN finals for the others; ``done`` is the loop's (steps, samples)."""
+    val_loss, val_metric = stepper.evaluate(task.x_val, task.y_val)
+    train_loss, train_metric = stepper.evaluate(task.x_train, task.y_train)
+    k_members = len(members)
+    results = []
+    for k, m in enumerate(members):
+        final = (
+            {
+                "train_loss": train_loss[k].item(),
+                "train_metric": train_metric[k].item(),
+                "val_loss": val_loss[k].item(),
+                "val_metric": val_metric[k].item(),
+            }
+            if m.alive
+            else _nan_final()
+        )
+        results.append(
+            RunResult(
+                spec=m.spec,
+                status=RunStatus.OK if m.alive else RunStatus.DIVERGED,
+                steps=done[0] if m.diverged_at is None else m.diverged_at,
+                samples=done[1] if m.alive else m.stopped_samples,
+                wall_s=wall_s / k_members,
+                history=m.history,
+                final=final,
+                diverged_at=m.diverged_at,
+                extra={
+                    "ensemble_size": k_members,
+                    "ensemble_wall_s": wall_s,
+                    "device": str(device),
+                    "threads": torch.get_num_threads(),
+                    "metric": task.metric_name,
+                    "n_train": p.n_train,
+                    **noise_summary(m.history),
+                    **stepper.extra(),
+                },
+                weights=stepper.weights(k) if keep_weights and m.alive else None,
+            )
+        )
+    return results
+
+
 def _run(
     stepper: _Solo | _Ensemble,
     specs: Sequence[RunSpec],
@@ -466,121 +541,46 @@ def _run(
     device: torch.device,
 ) -> list[RunResult]:
     """Train the stepper's K members to the budget; return one result per member."""
-    k_members = len(specs)
-    spec0 = specs[0]
-    schedules = [lr_schedule(s, p) for s in specs]
+    # setup: one record per member, one batch stream per distinct seed
+    members = [_Member(s, lr_schedule(s, p)) for s in specs]
     streams: dict[int, BatchStream] = {}
     for s in specs:
         streams.setdefault(s.seed, BatchStream(p.n_train, s.seed, device))
-    histories: list[list[dict[str, Any]]] = [[] for _ in specs]
-    alive = [True] * k_members
-    diverged_at: list[int | None] = [None] * k_members
-    stopped_samples = [0] * k_members
-    thresholds = [math.inf] * k_members
-    loss_sum = [0.0] * k_members  # python floats: the losses are on the host for the checks anyway
-    n_since = 0
-    samples = 0
-    start = time.perf_counter()
+    base = specs[0]  # the members share batch size, its schedule and the budget
     tick = max(1, p.total_steps // 200)
+    step = samples = n_since = 0
+    start = time.perf_counter()
 
-    def record(step: int, batch: int) -> None:
-        nonlocal loss_sum, n_since
-        val_loss, val_metric = stepper.evaluate(task.x_val, task.y_val)
-        train_loss = [x / n_since for x in loss_sum] if n_since else [math.nan] * k_members
-        vl, vm = val_loss.tolist(), val_metric.tolist()
-        wall = (time.perf_counter() - start) / k_members
-        noise = stepper.noise_scale() or {"noise_scale": None}
-        for k in range(k_members):
-            if alive[k]:
-                histories[k].append(
-                    {
-                        "step": step,
-                        "samples": samples,
-                        "epoch": samples / p.n_train,
-                        "lr": schedules[k](samples / specs[k].batch_size),
-                        "batch_size": batch,
-                        "train_loss": train_loss[k],
-                        "val_loss": vl[k],
-                        "val_metric": vm[k],
-                        "wall_s": wall,
-                        **noise,
-                    }
-                )
-        loss_sum = [0.0] * k_members
-        n_since = 0
+    def wall_per_member() -> float:
+        return (time.perf_counter() - start) / len(members)
 
-    batch = batch_size_in_force(spec0, 0.0)
-    record(0, batch)
-    step = 0
-    while step < p.total_steps and any(alive):
-        batch = batch_size_in_force(spec0, samples / p.n_train)
-        base_step = samples / spec0.batch_size
-        lrs = [sched(base_step) for sched in schedules]
+    _evaluate(stepper, members, task, p, (0, 0, batch_size_in_force(base, 0.0)), 0, wall_per_member)
+    while step < p.total_steps and any(m.alive for m in members):
+        # where we are in the budget: the batch size and each member's learning rate
+        batch = batch_size_in_force(base, samples / p.n_train)
+        lrs = [m.schedule(samples / base.batch_size) for m in members]
+
+        # one optimizer step for every member, each on its own seed's batch
         idx = {seed: stream.next(batch) for seed, stream in streams.items()}
-        losses = stepper.step([idx[s.seed] for s in specs], lrs)
-        step += 1
-        samples += batch
-        values = losses.tolist()
-        for k, value in enumerate(values):
-            if not alive[k]:
-                continue
-            loss_sum[k] += value
-            if step == 1 and math.isfinite(value):
-                thresholds[k] = specs[k].diverge_factor * max(value, 1e-12)
-            if not math.isfinite(value) or value > thresholds[k]:
-                alive[k] = False
-                diverged_at[k] = step
-                stopped_samples[k] = samples
+        losses = stepper.step([idx[m.spec.seed] for m in members], lrs).tolist()
+        step, samples, n_since = step + 1, samples + batch, n_since + 1
+
+        # divergence: a non-finite or exploding loss ends that member at this step
+        for k, (m, loss) in enumerate(zip(members, losses, strict=True)):
+            if m.alive and m.take(loss, step, samples):
                 stepper.stop(k)
-                log.info("run %s diverged at step %d (loss %s)", specs[k].run_id, step, value)
-        n_since += 1
+                log.info("run %s diverged at step %d (loss %s)", m.spec.run_id, step, loss)
+
+        # evaluation every eval_every steps and at the end of the budget
         if step % p.eval_every == 0 or step == p.total_steps:
-            record(step, batch)
+            _evaluate(stepper, members, task, p, (step, samples, batch), n_since, wall_per_member)
+            n_since = 0
+
         if progress is not None and (step % tick == 0 or step == p.total_steps):
             progress(step, p.total_steps)
 
     wall = time.perf_counter() - start
-    val = stepper.evaluate(task.x_val, task.y_val)
-    train = stepper.evaluate(task.x_train, task.y_train)
-    results = []
-    for k, spec in enumerate(specs):
-        ok = diverged_at[k] is None
-        final = (
-            {
-                "train_loss": train[0][k].item(),
-                "train_metric": train[1][k].item(),
-                "val_loss": val[0][k].item(),
-                "val_metric": val[1][k].item(),
-            }
-            if ok
-            else _nan_final()
-        )
-        done = step if ok else diverged_at[k]
-        assert done is not None
-        results.append(
-            RunResult(
-                spec=spec,
-                status="ok" if ok else "diverged",
-                steps=done,
-                samples=samples if ok else stopped_samples[k],
-                wall_s=wall / k_members,
-                history=histories[k],
-                final=final,
-                diverged_at=diverged_at[k],
-                extra={
-                    "ensemble_size": k_members,
-                    "ensemble_wall_s": wall,
-                    "device": str(device),
-                    "threads": torch.get_num_threads(),
-                    "metric": task.metric_name,
-                    "n_train": p.n_train,
-                    **noise_summary(histories[k]),
-                    **stepper.extra(),
-                },
-                weights=stepper.weights(k) if keep_weights and ok else None,
-            )
-        )
-    return results
+    return _results(stepper, members, task, p, (step, samples), wall, keep_weights, device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -599,7 +599,7 @@ def failed_result(
     """The result of a run that could not train (a failing model, a crashed worker)."""
     return RunResult(
         spec=spec,
-        status="failed",
+        status=RunStatus.FAILED,
         steps=0,
         samples=0,
         wall_s=wall_s,

@@ -30,7 +30,7 @@ from batchlab.reproduce.claims import (
     claim7_target,
 )
 from batchlab.sweep.runner import SweepReport, run_specs
-from batchlab.sweep.store import Store
+from batchlab.sweep.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,8 @@ def _plan_stage(
             continue
         try:
             studies = planner(setup, results)
+        except StoreError:  # the store itself is unreadable: not a claim's problem
+            raise
         except (ValueError, KeyError) as exc:  # e.g. every run at batch 64 diverged
             failed[claim.number] = f"could not plan stage {stage}: {exc}"
             log.warning("claim %d: %s", claim.number, failed[claim.number])
@@ -128,6 +130,8 @@ def _judge(claim: Claim, setup: Setup, results: Results, failed: dict[int, str])
         return ClaimResult(claim, Judgement(v.Outcome("inconclusive", failed[claim.number])))
     try:
         return ClaimResult(claim, claim.judge(setup, results))
+    except StoreError:
+        raise
     except (ValueError, KeyError, IndexError, ZeroDivisionError) as exc:
         log.warning("claim %d could not be judged: %s", claim.number, traceback.format_exc())
         reason = f"could not be judged: {type(exc).__name__}: {exc}"
@@ -250,6 +254,8 @@ def write_reproduce_report(
     if study == grid:
         try:
             target = claim7_target(results.data(GRID))
+        except StoreError:
+            raise
         except ValueError:
             target = None
     return write_report(

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchlab.engine.data import configure_threads, resolve_device
-from batchlab.engine.spec import RunResult, RunSpec, SpecError
+from batchlab.engine.spec import RunResult, RunSpec, RunStatus, SpecError
 from batchlab.engine.tasks import Task, get_task
 from batchlab.engine.train import ensemble_chunks, failed_result, train_ensemble
 from batchlab.engine.train import plan as plan_run
@@ -120,10 +120,20 @@ class SweepReport:
     metric: str = "val_metric"
     higher_is_better: bool = True
 
+    def count(self, status: str) -> None:
+        """Add one finished run to the count of its status."""
+        match RunStatus(status):
+            case RunStatus.OK:
+                self.ok += 1
+            case RunStatus.DIVERGED:
+                self.diverged += 1
+            case RunStatus.FAILED:
+                self.failed += 1
+
     def consider(self, run_id: str, spec: RunSpec, status: str, final: dict[str, Any]) -> None:
         """Update ``best`` with one finished run."""
         value = final.get(self.metric, math.nan)
-        if status != "ok" or value is None or not math.isfinite(value):
+        if status != RunStatus.OK or value is None or not math.isfinite(value):
             return
         better = self.best is None or (
             value > self.best.value if self.higher_is_better else value < self.best.value
@@ -441,7 +451,7 @@ def run_specs(
             outcome = [failed_result(s, f"{type(outcome).__name__}: {outcome}") for s in unit]
         _store(store, outcome, member_of, weighted)
         for result in outcome:
-            setattr(report, result.status, getattr(report, result.status) + 1)
+            report.count(result.status)
             report.consider(result.run_id, result.spec, result.status, result.final)
         finished += len(unit)
         tick()

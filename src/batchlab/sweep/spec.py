@@ -26,6 +26,7 @@ from batchlab.core.schedules import resolve_schedule_options
 from batchlab.engine.spec import BUDGET_UNITS, RunSpec, SpecError
 from batchlab.engine.tasks import Task, get_task
 from batchlab.engine.train import plan as plan_run
+from batchlab.errors import FieldError
 
 T = TypeVar("T")
 
@@ -89,11 +90,10 @@ def _renamed(call: Callable[[], T], prefix: str = "") -> T:
     """``call()``, with a ``SpecError`` or core ``ValueError("field: ...")`` renamed to the file's key."""
     try:
         return call()
-    except ValueError as exc:  # SpecError is a ValueError whose text also reads "field: message"
-        field_name, sep, message = str(exc).partition(": ")
-        if not sep:  # not in the "field: message" form: blame the table being read
-            raise SpecError(prefix.rstrip(".") or "sweep", str(exc)) from exc
-        raise SpecError(prefix + file_key(field_name), message) from exc
+    except FieldError as exc:  # a SpecError or a core error: both name their field
+        raise SpecError(prefix + file_key(exc.field), exc.message) from exc
+    except ValueError as exc:  # names no field: blame the table being read
+        raise SpecError(prefix.rstrip(".") or "sweep", str(exc)) from exc
 
 
 def round_lr(lr: float) -> float:

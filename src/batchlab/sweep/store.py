@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import batchlab
-from batchlab.engine.spec import RunResult, RunSpec, SpecError
+from batchlab.engine.spec import HISTORY_COLUMNS, RunResult, RunSpec, RunStatus, SpecError
+from batchlab.errors import FieldError
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -41,107 +42,91 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-STATUSES = ("ok", "diverged", "failed")
+STATUSES = tuple(RunStatus)
 EXPORT_FORMATS = ("csv", "parquet")
 BUSY_TIMEOUT_S = 60.0
 _FLOAT_TAG = "$float"
 _IN_CHUNK = 900  # ids per IN (...) list: below SQLite's oldest variable limit (999)
 
-# History columns stored as typed SQL columns, in bit order of ``history.nan_mask``.
-_HISTORY_COLUMNS: tuple[tuple[str, type], ...] = (
-    ("step", int),
-    ("samples", int),
-    ("epoch", float),
-    ("lr", float),
-    ("batch_size", int),
-    ("train_loss", float),
-    ("val_loss", float),
-    ("val_metric", float),
-    ("wall_s", float),
-    ("noise_scale", float),
-)
-_HISTORY_NAMES = tuple(name for name, _ in _HISTORY_COLUMNS)
+# Every table's columns are declared once, as (name, SQL declaration); the CREATE TABLE statements,
+# the inserts and the readers are built from these tuples.
+_SQL_TYPES = {int: "INTEGER", float: "REAL"}
 
-_RUN_COLUMNS = (
-    "id",
-    "spec",
-    "task",
-    "batch_size",
-    "lr",
-    "seed",
-    "optimizer",
-    "budget_unit",
-    "budget",
-    "status",
-    "steps",
-    "samples",
-    "epochs",
-    "wall_s",
-    "diverged_at",
-    "error",
-    "final",
-    "extra",
-    "batchlab_version",
-    "torch_version",
-    "created_at",
+_RUN_COLUMNS_SQL: tuple[tuple[str, str], ...] = (
+    ("id", "TEXT PRIMARY KEY"),
+    ("spec", "TEXT NOT NULL"),
+    ("task", "TEXT NOT NULL"),
+    ("batch_size", "INTEGER NOT NULL"),
+    ("lr", "REAL NOT NULL"),
+    ("seed", "INTEGER NOT NULL"),
+    ("optimizer", "TEXT NOT NULL"),
+    ("budget_unit", "TEXT NOT NULL"),
+    ("budget", "REAL NOT NULL"),
+    ("status", f"TEXT NOT NULL CHECK (status IN ({', '.join(repr(s.value) for s in STATUSES)}))"),
+    ("steps", "INTEGER NOT NULL"),
+    ("samples", "INTEGER NOT NULL"),
+    ("epochs", "REAL NOT NULL"),
+    ("wall_s", "REAL NOT NULL"),
+    ("diverged_at", "INTEGER"),
+    ("error", "TEXT"),
+    ("final", "TEXT NOT NULL"),
+    ("extra", "TEXT NOT NULL"),
+    ("batchlab_version", "TEXT NOT NULL"),
+    ("torch_version", "TEXT NOT NULL"),
+    ("created_at", "TEXT NOT NULL"),
 )
+_RUN_COLUMNS = tuple(name for name, _ in _RUN_COLUMNS_SQL)
+
+# History keys stored as typed SQL columns, in bit order of ``history.nan_mask``; other keys of a
+# row go to its ``extra`` JSON.
+_HISTORY_COLUMNS: tuple[tuple[str, type], ...] = tuple((k.value, t) for k, t in HISTORY_COLUMNS)
+_HISTORY_NAMES = tuple(name for name, _ in _HISTORY_COLUMNS)
+_HISTORY_COLUMNS_SQL: tuple[tuple[str, str], ...] = (
+    ("run_id", "TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE"),
+    ("seq", "INTEGER NOT NULL"),
+    *((name, _SQL_TYPES[kind]) for name, kind in _HISTORY_COLUMNS),
+    ("nan_mask", "INTEGER NOT NULL DEFAULT 0"),
+    ("extra", "TEXT"),
+)
+
+
+def _create_table(
+    name: str, columns: Sequence[tuple[str, str]], *constraints: str, rowid: bool = True
+) -> str:
+    """``CREATE TABLE name (...)`` from (column, declaration) pairs and table constraints."""
+    body = ",\n    ".join([*(f"{c} {decl}" for c, decl in columns), *constraints])
+    return f"CREATE TABLE {name} (\n    {body}\n)" + ("" if rowid else " WITHOUT ROWID")
+
 
 _SCHEMA = (
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    """CREATE TABLE runs (
-        id TEXT PRIMARY KEY,
-        spec TEXT NOT NULL,
-        task TEXT NOT NULL,
-        batch_size INTEGER NOT NULL,
-        lr REAL NOT NULL,
-        seed INTEGER NOT NULL,
-        optimizer TEXT NOT NULL,
-        budget_unit TEXT NOT NULL,
-        budget REAL NOT NULL,
-        status TEXT NOT NULL CHECK (status IN ('ok', 'diverged', 'failed')),
-        steps INTEGER NOT NULL,
-        samples INTEGER NOT NULL,
-        epochs REAL NOT NULL,
-        wall_s REAL NOT NULL,
-        diverged_at INTEGER,
-        error TEXT,
-        final TEXT NOT NULL,
-        extra TEXT NOT NULL,
-        batchlab_version TEXT NOT NULL,
-        torch_version TEXT NOT NULL,
-        created_at TEXT NOT NULL
-    )""",
+    _create_table("meta", [("key", "TEXT PRIMARY KEY"), ("value", "TEXT NOT NULL")]),
+    _create_table("runs", _RUN_COLUMNS_SQL),
     "CREATE INDEX runs_grid ON runs (task, batch_size, lr, seed)",
-    """CREATE TABLE history (
-        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
-        seq INTEGER NOT NULL,
-        step INTEGER,
-        samples INTEGER,
-        epoch REAL,
-        lr REAL,
-        batch_size INTEGER,
-        train_loss REAL,
-        val_loss REAL,
-        val_metric REAL,
-        wall_s REAL,
-        noise_scale REAL,
-        nan_mask INTEGER NOT NULL DEFAULT 0,
-        extra TEXT,
-        PRIMARY KEY (run_id, seq)
-    ) WITHOUT ROWID""",
-    "CREATE TABLE studies (name TEXT PRIMARY KEY, config TEXT, created_at TEXT NOT NULL)",
-    """CREATE TABLE study_runs (
-        study TEXT NOT NULL REFERENCES studies (name) ON DELETE CASCADE,
-        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
-        PRIMARY KEY (study, run_id)
-    ) WITHOUT ROWID""",
+    _create_table("history", _HISTORY_COLUMNS_SQL, "PRIMARY KEY (run_id, seq)", rowid=False),
+    _create_table(
+        "studies",
+        [("name", "TEXT PRIMARY KEY"), ("config", "TEXT"), ("created_at", "TEXT NOT NULL")],
+    ),
+    _create_table(
+        "study_runs",
+        [
+            ("study", "TEXT NOT NULL REFERENCES studies (name) ON DELETE CASCADE"),
+            ("run_id", "TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE"),
+        ],
+        "PRIMARY KEY (study, run_id)",
+        rowid=False,
+    ),
     "CREATE INDEX study_runs_run ON study_runs (run_id)",
-    """CREATE TABLE weights (
-        run_id TEXT PRIMARY KEY REFERENCES runs (id) ON DELETE CASCADE,
-        format TEXT NOT NULL,
-        data BLOB NOT NULL
-    )""",
+    _create_table(
+        "weights",
+        [
+            ("run_id", "TEXT PRIMARY KEY REFERENCES runs (id) ON DELETE CASCADE"),
+            ("format", "TEXT NOT NULL"),
+            ("data", "BLOB NOT NULL"),
+        ],
+    ),
 )
+"""Schema version ``SCHEMA_VERSION``: the same columns, in the same order, as every file of it."""
 
 _UPSERT_RUN = (
     f"INSERT INTO runs ({', '.join(_RUN_COLUMNS)}) "
@@ -150,18 +135,13 @@ _UPSERT_RUN = (
     + ", ".join(f"{c} = excluded.{c}" for c in _RUN_COLUMNS if c != "id")
 )
 _INSERT_HISTORY = (
-    f"INSERT INTO history (run_id, seq, {', '.join(_HISTORY_NAMES)}, nan_mask, extra) "
-    f"VALUES ({', '.join('?' * (len(_HISTORY_NAMES) + 4))})"
+    f"INSERT INTO history ({', '.join(name for name, _ in _HISTORY_COLUMNS_SQL)}) "
+    f"VALUES ({', '.join('?' * len(_HISTORY_COLUMNS_SQL))})"
 )
 
 
-class StoreError(Exception):
+class StoreError(FieldError):
     """A store problem for the user: ``field`` names what is wrong (``db``, ``status``, ...)."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-        self.message = message
 
 
 @dataclass(frozen=True)
