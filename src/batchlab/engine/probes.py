@@ -473,8 +473,12 @@ class GradientNoiseScale:
         return self.precondition is None or state.scales is not None, state.scales
 
     def _adam_scales(self) -> Scales:
-        """``1 / (sqrt(v_hat) + eps)`` per monitored parameter, as Adam divides by; ``None`` while a
-        parameter has no second moment yet."""
+        """``1 / (sqrt(v_hat) + eps)`` per monitored parameter, as Adam divides by, and 0 where Adam
+        has never seen a gradient (``v = 0``); ``None`` while a parameter has no second moment yet.
+
+        Adam never divides a gradient by ``eps`` alone (``v`` takes the gradient in first), but
+        ``1/eps`` on an entry only rare examples reach would make one example's gradient, scaled
+        1e8, the whole measurement: ``B_simple = N - 1`` whatever the data."""
         groups = {p: group for group in self.precondition.param_groups for p in group["params"]}
         out = {}
         for p in self.params:
@@ -483,7 +487,7 @@ class GradientNoiseScale:
             if v is None:
                 return None
             v_hat = _wide(v) / (1 - group["betas"][1] ** float(st["step"]))
-            out[p] = 1.0 / (v_hat.sqrt() + group["eps"])
+            out[p] = torch.where(v_hat > 0, 1.0 / (v_hat.sqrt() + group["eps"]), 0.0)
         return out
 
     def _record(self, item: _Pending) -> None:
