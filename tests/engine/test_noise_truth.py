@@ -88,19 +88,23 @@ def covered(checks: list[tuple[int, float, NoiseEstimate]]) -> float:
     return sum(est.low <= exact <= est.high for _, exact, est in checks) / len(checks)
 
 
+def table(checks: list[tuple[int, float, NoiseEstimate]]) -> str:
+    """Step, exact value and estimate of each checkpoint, for a failure message."""
+    return "\n".join(
+        f"{step}: exact {exact:.1f}, estimate {est.value:.1f} [{est.low:.1f}, {est.high:.1f}]"
+        for step, exact, est in checks
+    )
+
+
 def test_interval_covers_the_exact_noise_scale_along_sgd_training(digits: Task) -> None:
     checks = train_and_check(digits, lambda p: torch.optim.SGD(p, lr=0.1), preconditioned=False)
-    for step, exact, est in checks:
-        print(f"{step} exact {exact:.1f} est {est.value:.1f} [{est.low:.1f}, {est.high:.1f}]")
-    assert covered(checks) >= 0.9
+    assert covered(checks) >= 0.9, table(checks)
     bounded = [est for _, _, est in checks if est.high < math.inf]
     assert len(bounded) >= len(checks) // 2  # informative, not [0, inf]
 
 
 def test_adam_preconditioned_interval_is_bounded_and_covers_the_exact_value(digits: Task) -> None:
     checks = train_and_check(digits, lambda p: torch.optim.Adam(p, lr=1e-3), preconditioned=True)
-    for step, exact, est in checks:
-        print(f"{step} exact {exact:.1f} est {est.value:.1f} [{est.low:.1f}, {est.high:.1f}]")
-    assert covered(checks) >= 0.9
+    assert covered(checks) >= 0.9, table(checks)
     bounded = [est for _, _, est in checks if est.high < math.inf]
     assert len(bounded) >= len(checks) // 2

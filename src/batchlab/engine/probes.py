@@ -102,7 +102,7 @@ from batchlab.engine.spec import SpecError
 log = logging.getLogger(__name__)
 
 MODES = ("accumulation", "distributed", "split", "per_example")
-_FLUSH_EVERY = 64  # pending device-side measurements folded into the EMA at most this far apart
+_FLUSH_EVERY = 64  # pending device-side measurements folded in at most this far apart
 _REDUCE_EVERY = 16  # distributed: steps of local norms shared in one all-reduce
 _MATERIALIZE_ELEMENTS = 2**24  # per-example weight gradients materialised at most this many at once
 
