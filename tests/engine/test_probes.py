@@ -594,6 +594,7 @@ def test_reset_forgets_and_remove_unhooks(mnist1d: tuple[Tensor, Tensor]) -> Non
         (lambda m: GradientNoiseScale(m, "split"), "loss_fn"),
         (lambda m: GradientNoiseScale(m, "split", loss_fn=ce, n_micro=1), "n_micro"),
         (lambda m: GradientNoiseScale(m, "split", loss_fn=ce, window=1), "window"),
+        (lambda m: GradientNoiseScale(m, "accumulation", population=1), "population"),
         (lambda m: GradientNoiseScale(m, "split", loss_fn=ce, every=0), "every"),
         (lambda m: GradientNoiseScale(m, "distributed"), "mode"),
         (lambda m: GradientNoiseScale(m, "accumulation", precondition=torch.optim.SGD(m.parameters(), 0.1)), "precondition"),
