@@ -102,6 +102,16 @@ def test_lr_0_converges_to_the_exact_noise_scale_in_every_mode(at_init, exact_no
         assert end["low"] <= exact_noise_scale <= end["high"], mode
 
 
+def test_lr_0_with_the_default_steps_prints_the_exact_value_within_5_percent(exact_noise_scale):
+    """A fixed point: every step's measurement counts equally (ratio of the sums over all steps)."""
+    out = run("--lr", "0")
+    end = out["noise_scale"]["end"]
+    assert out["steps"] == 3000 and end["step"] == 3000
+    assert end["value"] == pytest.approx(exact_noise_scale, rel=0.05)
+    assert end["low"] <= exact_noise_scale <= end["high"]
+    assert end["high"] / end["low"] < 1.1  # 3000 steps pin it down
+
+
 def test_split_and_accumulation_read_the_same_micro_batches(at_init):
     split, accumulation = at_init["split"], at_init["accumulation"]
     assert split["noise_splits"] == 4 and accumulation["micro_batch_size"] == 16

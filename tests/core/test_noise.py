@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 from batchlab.core.noise import (
-    NoiseEMA,
+    NoiseWindow,
     effective_batches,
     fieller_interval,
     n_way_estimate,
     noise_scale,
     t_quantile,
     two_batch_estimate,
+    without_replacement,
 )
 
 
@@ -113,7 +114,7 @@ def test_estimator_over_draws_lands_within_5_percent(
 ) -> None:
     grad_sq_exact, trace_exact = exact(logistic_per_example)
     rng = np.random.default_rng(batch)
-    ema = NoiseEMA(decay=0.999)
+    ema = NoiseWindow(window=None)
     micro = batch // n_micro
     for _ in range(1500):
         grads = logistic_per_example[rng.integers(0, len(logistic_per_example), batch)]
@@ -128,7 +129,7 @@ def test_estimator_over_draws_lands_within_5_percent(
 
 
 def test_naive_ratio_of_single_step_norms_would_be_biased(logistic_per_example: np.ndarray) -> None:
-    """Why the EMA ratio: the mean of per-step ratios is far from B_simple at these batch sizes."""
+    """Why a ratio of sums: the mean of per-step ratios is far from B_simple at these batch sizes."""
     grad_sq_exact, trace_exact = exact(logistic_per_example)
     rng = np.random.default_rng(4)
     ratios = []
@@ -139,52 +140,97 @@ def test_naive_ratio_of_single_step_norms_would_be_biased(logistic_per_example: 
     assert np.median(ratios) != pytest.approx(trace_exact / grad_sq_exact, rel=0.05)
 
 
-# ----- EMA, intervals -----
+# ----- without replacement -----
 
 
-def test_ema_is_bias_corrected_weighted_mean() -> None:
-    decay, values = 0.8, [(1.0, 10.0), (3.0, 50.0), (2.0, 20.0)]
-    ema = NoiseEMA(decay)
+def test_without_replacement_batches_make_the_estimator_unbiased_for_epoch_permutations(
+    logistic_per_example: np.ndarray,
+) -> None:
+    """Batches cut from a permutation of a small set: exact mean over every batch of 300 epochs."""
+    per_example = logistic_per_example[:500]
+    grad_sq_exact, trace_exact = exact(per_example)
+    rng, batch, n = np.random.default_rng(7), 50, len(per_example)
+    norms = (per_example**2).sum(1)
+    sums = {"iid": np.zeros(2), "corrected": np.zeros(2)}
+    for _ in range(300):
+        for idx in rng.permutation(n).reshape(-1, batch):
+            small, total = norms[idx].mean(), per_example[idx].mean(0)
+            big = total @ total
+            sums["iid"] += two_batch_estimate(small, big, 1, batch)
+            sums["corrected"] += two_batch_estimate(small, big, 1, without_replacement(batch, n))
+    ratio = {k: v[1] / v[0] for k, v in sums.items()}
+    truth = trace_exact / grad_sq_exact
+    assert ratio["corrected"] == pytest.approx(truth, rel=0.02)
+    assert abs(ratio["iid"] / truth - 1) > 2 * abs(ratio["corrected"] / truth - 1)
+
+
+def test_the_whole_population_as_a_batch_gives_the_exact_gradient() -> None:
+    assert without_replacement(100, 100) == math.inf
+    assert two_batch_estimate(3.0, 1.0, 1, math.inf) == (1.0, 2.0)
+
+
+# ----- the window, intervals -----
+
+
+def test_window_is_the_ratio_of_sums_over_its_last_measurements() -> None:
+    values = [(9.0, 1.0), (1.0, 10.0), (3.0, 50.0), (2.0, 20.0)]
+    window = NoiseWindow(window=3)
     for g, s in values:
-        ema = ema.update(g, s)
-    weights = decay ** np.arange(len(values))[::-1]
-    g_mean = np.average([v[0] for v in values], weights=weights)
-    s_mean = np.average([v[1] for v in values], weights=weights)
-    est = ema.estimate()
-    assert (est.grad_sq, est.trace_cov, est.count) == pytest.approx((g_mean, s_mean, 3))
-    assert est.value == pytest.approx(s_mean / g_mean)
+        window = window.update(g, s)
+    est = window.estimate()
+    assert (est.grad_sq, est.trace_cov, est.count, window.count) == pytest.approx(
+        (2.0, 80 / 3, 3, 4)
+    )
+    assert est.value == pytest.approx(80 / 6)
+
+
+def test_window_none_keeps_every_measurement() -> None:
+    window = NoiseWindow(window=None)
+    for i in range(100):
+        window = window.update(1.0 + i % 2, 100.0)
+    est = window.estimate()
+    assert est.count == 100 and est.grad_sq == pytest.approx(1.5)
+
+
+def test_a_burst_leaves_the_window_completely() -> None:
+    """Adam's first steps measure values 10^6 times the rest: once out of the window, gone."""
+    rng = np.random.default_rng(3)
+    window = NoiseWindow(window=16).update(1e6, 1e9)
+    for _ in range(16):
+        window = window.update(1.0 + 0.1 * rng.normal(), 100.0 + 10 * rng.normal())
+    est = window.estimate()
+    assert 50 < est.low <= est.value <= est.high < 200
 
 
 def test_constant_measurements_give_a_point_interval() -> None:
-    ema = NoiseEMA(0.9).update(0.5, 50.0).update(0.5, 50.0)
-    est = ema.estimate()
+    est = NoiseWindow().update(0.5, 50.0).update(0.5, 50.0).estimate()
     assert (est.value, est.low, est.high) == pytest.approx((100.0, 100.0, 100.0))
 
 
 def test_no_estimate_before_two_measurements() -> None:
-    assert NoiseEMA().estimate() is None
-    assert NoiseEMA().update(1.0, 2.0).estimate() is None
+    assert NoiseWindow().estimate() is None
+    assert NoiseWindow().update(1.0, 2.0).estimate() is None
 
 
-def test_interval_covers_the_true_ratio_at_the_stated_rate() -> None:
+@pytest.mark.parametrize("window", [16, None])
+def test_interval_covers_the_true_ratio_at_the_stated_rate(window: int | None) -> None:
     rng = np.random.default_rng(5)
     true_g, true_s, hits, trials = 1.0, 200.0, 0, 400
     for _ in range(trials):
-        ema = NoiseEMA(decay=0.9)
-        g = true_g + rng.normal(0, 1.0, 60)  # single-step |G|^2 estimates are often negative
+        est = NoiseWindow(window=window)
+        g = true_g + rng.normal(0, 0.5, 60)  # single-step |G|^2 estimates are often negative
         s = true_s + 0.3 * true_s * rng.normal(size=60) + 40 * (g - true_g)
         for gi, si in zip(g, s, strict=True):
-            ema = ema.update(gi, si)
-        est = ema.estimate(confidence=0.9)
-        hits += est.low <= true_s / true_g <= est.high
-    assert 0.85 <= hits / trials <= 0.96
+            est = est.update(gi, si)
+        hits += (e := est.estimate(confidence=0.9)).low <= true_s / true_g <= e.high
+    assert 0.85 <= hits / trials <= 0.95
 
 
 def test_unresolved_gradient_gives_an_unbounded_interval() -> None:
-    ema = NoiseEMA(0.9)
+    window = NoiseWindow()
     for g, s in [(0.5, 100.0), (-0.6, 90.0), (0.2, 110.0), (-0.05, 100.0)]:
-        ema = ema.update(g, s)
-    est = ema.estimate()
+        window = window.update(g, s)
+    est = window.estimate()
     assert est.high == math.inf
     assert 0 <= est.low <= est.value
 
@@ -221,9 +267,10 @@ def test_t_quantile_matches_tables(dof: int, table: float) -> None:
         (lambda: effective_batches([1, 2], [0.5, 0.6]), "weights"),
         (lambda: n_way_estimate([1.0, 2.0, 3.0], 1.0, [4, 4]), "micro_sq_norms"),
         (lambda: n_way_estimate([1.0, math.inf], 1.0, [4, 4]), "micro_sq_norms"),
-        (lambda: NoiseEMA(decay=1.0), "decay"),
-        (lambda: NoiseEMA().update(math.inf, 1.0), "grad_sq"),
-        (lambda: NoiseEMA().estimate(confidence=1.0), "confidence"),
+        (lambda: NoiseWindow(window=1), "window"),
+        (lambda: NoiseWindow().update(math.inf, 1.0), "grad_sq"),
+        (lambda: NoiseWindow().estimate(confidence=1.0), "confidence"),
+        (lambda: without_replacement(11, 10), "batch"),
         (lambda: t_quantile(0.975, 0.5), "dof"),
     ],
 )

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.parallel import DistributedDataParallel
 
-from batchlab.core.noise import NoiseEMA, two_batch_estimate
+from batchlab.core.noise import NoiseWindow, two_batch_estimate
 from batchlab.engine.probes import GradientNoiseScale
 from batchlab.engine.spec import SpecError
 
@@ -224,7 +224,7 @@ def test_estimate_over_draws_is_within_5_percent_of_exact_noise_scale(
     torch.manual_seed(1)
     model = model_fn()
     grad_sq, trace = exact_noise(per_example_grads(model, x, y))
-    gns = GradientNoiseScale(model, mode, loss_fn=ce, decay=0.999)
+    gns = GradientNoiseScale(model, mode, loss_fn=ce, window=None)
     gen = torch.Generator().manual_seed(2)
     for _ in range(draws):
         idx = torch.randint(0, len(x), (64,), generator=gen)  # i.i.d. draws: the estimator's model
@@ -247,7 +247,7 @@ def test_batch_gradient_error_is_trace_over_batch(mnist1d: tuple[Tensor, Tensor]
     model = mlp()
     per_example = per_example_grads(model, x, y)
     g, (_, trace) = per_example.mean(0), exact_noise(per_example)
-    gns = GradientNoiseScale(model, "per_example", loss_fn=ce, decay=0.999)
+    gns = GradientNoiseScale(model, "per_example", loss_fn=ce, window=None)
     gen = torch.Generator().manual_seed(3)
     errors = []
     for _ in range(600):
@@ -279,7 +279,7 @@ def test_linear_regression_matches_closed_form(mode: str) -> None:
     def loss(pred: Tensor, target: Tensor) -> Tensor:
         return 0.5 * ((pred.squeeze(1) - target) ** 2).mean()
 
-    gns = GradientNoiseScale(model, mode, loss_fn=loss, decay=0.9995)
+    gns = GradientNoiseScale(model, mode, loss_fn=loss, window=None)
     for _ in range(1500):
         xb = torch.randn(32, dim, generator=gen)
         gns.forward_backward(xb, xb @ w_star + noise_sd * torch.randn(32, generator=gen))
@@ -358,7 +358,7 @@ def _distributed_run(variant: str, rank: int | None) -> tuple[list[float], int, 
     )
     model = DistributedDataParallel(net) if rank is not None and variant != "manual" else net
     mode = "accumulation" if rank is None else "distributed"
-    gns = GradientNoiseScale(model, mode, precondition=opt if adam else None, decay=0.8)
+    gns = GradientNoiseScale(model, mode, precondition=opt if adam else None, window=8)
     for xb, yb in zip(x.chunk(DIST_STEPS), y.chunk(DIST_STEPS), strict=True):
         opt.zero_grad()
         halves = list(zip(xb.chunk(2), yb.chunk(2), strict=True))
@@ -545,7 +545,7 @@ def test_accumulation_with_parameters_missing_from_some_micro_batches(
     model = Gated()
     params = list(model.parameters())
     steps = list(zip(x.chunk(2), y.chunk(2), strict=True))
-    want = NoiseEMA(0.9)
+    want = NoiseWindow(16)
     for step, (xb, yb) in enumerate(steps):  # exact, before the monitor hooks the parameters
         micro = []
         for i, (xm, ym) in enumerate(zip(xb.chunk(3), yb.chunk(3), strict=True)):
@@ -560,7 +560,7 @@ def test_accumulation_with_parameters_missing_from_some_micro_batches(
         total = torch.stack(micro).mean(0)
         small = float(torch.stack([m @ m for m in micro]).mean())
         want = want.update(*two_batch_estimate(small, float(total @ total), 8, 24))
-    gns = GradientNoiseScale(model, "accumulation", decay=0.9)
+    gns = GradientNoiseScale(model, "accumulation", window=16)
     for step, (xb, yb) in enumerate(steps):
         for i, (xm, ym) in enumerate(zip(xb.chunk(3), yb.chunk(3), strict=True)):
             model.gate = i == step
@@ -599,7 +599,8 @@ def test_reset_forgets_and_remove_unhooks(mnist1d: tuple[Tensor, Tensor]) -> Non
         (lambda m: GradientNoiseScale(m, "vmap"), "mode"),
         (lambda m: GradientNoiseScale(m, "split"), "loss_fn"),
         (lambda m: GradientNoiseScale(m, "split", loss_fn=ce, n_micro=1), "n_micro"),
-        (lambda m: GradientNoiseScale(m, "split", loss_fn=ce, decay=1.0), "decay"),
+        (lambda m: GradientNoiseScale(m, "split", loss_fn=ce, window=1), "window"),
+        (lambda m: GradientNoiseScale(m, "accumulation", population=1), "population"),
         (lambda m: GradientNoiseScale(m, "split", loss_fn=ce, every=0), "every"),
         (lambda m: GradientNoiseScale(m, "distributed"), "mode"),
         (lambda m: GradientNoiseScale(m, "accumulation", precondition=torch.optim.SGD(m.parameters(), 0.1)), "precondition"),

@@ -161,18 +161,18 @@ def run_steps(gns: GradientNoiseScale, model: nn.Module, mode: str, steps: range
 @pytest.mark.parametrize("mode", ["accumulation", "split", "per_example"])
 def test_resumed_monitor_continues_the_same_estimate_exactly(mode: str) -> None:
     model = mlp()
-    whole = GradientNoiseScale(model, mode, loss_fn=ce, decay=0.8, every=2)
+    whole = GradientNoiseScale(model, mode, loss_fn=ce, window=6, every=2)
     run_steps(whole, model, mode, range(12))
     want = whole.estimate()
     whole.remove()
 
-    first = GradientNoiseScale(model, mode, loss_fn=ce, decay=0.8, every=2)
+    first = GradientNoiseScale(model, mode, loss_fn=ce, window=6, every=2)
     run_steps(first, model, mode, range(7))  # stops between two measured steps
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
     first.remove()
     buffer.seek(0)
-    resumed = GradientNoiseScale(model, mode, loss_fn=ce, decay=0.8, every=2)
+    resumed = GradientNoiseScale(model, mode, loss_fn=ce, window=6, every=2)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     run_steps(resumed, model, mode, range(7, 12))
     assert resumed.estimate() == want and want.count == 6

@@ -148,7 +148,9 @@ def report(result: RunResult) -> dict[str, Any]:
 def noise(
     task: TaskOpt,
     batch_size: BatchSizeOpt,
-    lr: float = typer.Option(..., help="Learning rate; 0 measures at the initial weights."),
+    lr: float = typer.Option(
+        ..., help="Learning rate; 0 measures at the initial weights, averaging every step."
+    ),
     steps: int = typer.Option(3000, help="Optimizer steps to train (and measure)."),
     mode: str | None = typer.Option(
         None,

@@ -1,18 +1,19 @@
-"""Gradient noise scale: unbiased |G|^2 and tr(Sigma) from gradient norms, EMAs and intervals.
+"""Gradient noise scale: unbiased |G|^2 and tr(Sigma) from gradient norms, windowed ratios, intervals.
 
 McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch Training", Appendix A.1:
 a gradient averaged over B i.i.d. examples has ``E|G_B|^2 = |G|^2 + tr(Sigma)/B``, so squared norms at
 two batch sizes give unbiased estimates of ``|G|^2`` and ``tr(Sigma)``; the simple noise scale is
-``B_simple = tr(Sigma) / |G|^2``, and its estimate is the ratio of exponential moving averages of the
-two (a ratio of single-step estimates is biased and often negative). The n-way form (n micro-batches
+``B_simple = tr(Sigma) / |G|^2``, and its estimate is the ratio of the sums of the two over the same
+steps (a ratio of single-step estimates is biased and often negative): the last few steps while the
+weights move (:class:`NoiseWindow`), all of them at a fixed point. The n-way form (n micro-batches
 or ranks, as in AdaptDL, Qiao et al. 2021) is the same estimator with the mean micro-batch norm as the
 small batch; :func:`effective_batches` gives the batch sizes that keep it unbiased for unequal
 micro-batches and any weighting. The interval is Fieller's (1954) for a ratio of means, with the
-variance of the EMA read from the spread of the measurements under the EMA's own weights.
+variances of the means read from the spread of the measurements.
 
-Everything assumes examples drawn i.i.d. (with replacement). Micro-batches cut from one batch drawn
-without replacement from N examples estimate ``tr(Sigma) * N / (N - 1)`` instead: negligible for
-realistic N.
+The formulas assume examples drawn i.i.d. (with replacement). Batches cut from an epoch's permutation
+of N examples are drawn without replacement; :func:`without_replacement` gives the batch sizes that
+keep the estimator unbiased for them (ignoring it overestimates B_simple by about B_simple / N).
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ def two_batch_estimate(
     small, big = np.asarray(small_sq_norm, float), np.asarray(big_sq_norm, float)
     _check_sq_norm("small_sq_norm", small)
     _check_sq_norm("big_sq_norm", big)
-    grad_sq = (big_batch * big - small_batch * small) / (big_batch - small_batch)
+    if math.isinf(big_batch):  # the whole population: its gradient is exact
+        grad_sq = big
+    else:
+        grad_sq = (big_batch * big - small_batch * small) / (big_batch - small_batch)
     trace_cov = (small - big) / (1.0 / small_batch - 1.0 / big_batch)
     if grad_sq.ndim == 0:
         return float(grad_sq), float(trace_cov)
@@ -96,6 +100,22 @@ def effective_batches(
             "weights", f"must be {sizes.size} non-negative numbers summing to 1, got {list(w)}"
         )
     return float(1.0 / np.mean(1.0 / sizes)), float(1.0 / np.sum(w**2 / sizes))
+
+
+def without_replacement(batch: float, population: int) -> float:
+    """The i.i.d. batch size whose gradient error matches a batch of ``batch`` examples drawn without
+    replacement from ``population`` (an epoch's permutation): ``batch (N - 1) / (N - batch)``.
+
+    ``E|G_b|^2 = |G|^2 + tr(Sigma) (N - b) / (b (N - 1))`` with ``tr(Sigma)`` the mean of
+    ``|g_i - G|^2`` over the ``N`` examples; ``inf`` for the whole set (its gradient is exact).
+    Passing these to :func:`two_batch_estimate` removes a bias of ``B_simple / N`` in ``|G|^2``.
+
+    >>> without_replacement(1, 1000), round(without_replacement(64, 1437), 2)
+    (1.0, 66.94)
+    """
+    if not 0 < batch <= population:
+        raise FieldError("batch", f"must be in (0, population={population}], got {batch}")
+    return math.inf if batch == population else batch * (population - 1) / (population - batch)
 
 
 def n_way_estimate(
@@ -195,68 +215,92 @@ def fieller_interval(
 
 
 class NoiseEstimate(NamedTuple):
-    """A noise-scale value with its interval and the smoothed estimates behind it."""
+    """A noise-scale value with its interval and the averaged estimates behind it."""
 
     value: float  # B_simple = trace_cov / grad_sq
     low: float
     high: float  # inf when |G|^2 is not resolved from zero
-    grad_sq: float  # bias-corrected EMA of the unbiased |G|^2 estimates
-    trace_cov: float  # bias-corrected EMA of the unbiased tr(Sigma) estimates
-    count: int  # measurements folded in
+    grad_sq: float  # mean of the unbiased |G|^2 estimates in the window
+    trace_cov: float  # mean of the unbiased tr(Sigma) estimates in the window
+    count: int  # measurements in the window
+
+
+def ratio_estimate(
+    grad_sq: Sequence[float], trace_cov: Sequence[float], confidence: float = 0.95
+) -> NoiseEstimate | None:
+    """``B_simple`` as the ratio of the sums of paired per-step estimates, with Fieller's interval
+    from their spread (each step an independent draw); ``None`` below two measurements.
+
+    >>> est = ratio_estimate([1.0, 1.2, 0.8, 1.0], [90.0, 110.0, 100.0, 100.0])
+    >>> round(est.value, 1), est.count, est.low < est.value < est.high
+    (100.0, 4, True)
+    """
+    if not 0 < confidence < 1:
+        raise FieldError("confidence", f"must be in (0, 1), got {confidence}")
+    n = len(grad_sq)
+    if n != len(trace_cov):
+        raise FieldError("trace_cov", f"needs one value per grad_sq ({n}), got {len(trace_cov)}")
+    if n < 2:
+        return None
+    x = np.stack([np.asarray(grad_sq, float), np.asarray(trace_cov, float)])
+    mean = x.mean(1)
+    g, s = float(mean[0]), float(mean[1])
+    (var_g, cov), (_, var_s) = np.cov(x) / n  # variances of the two means
+    t = t_quantile(0.5 + confidence / 2, n - 1)
+    low, high = fieller_interval(s, g, float(var_s), float(var_g), float(cov), t)
+    value = noise_scale(g, s)
+    if g <= 0:
+        high = math.inf
+    return NoiseEstimate(value, low, high, g, s, n)
+
+
+DEFAULT_WINDOW = 16
+"""Measurements a training-time estimate averages (see :class:`NoiseWindow`)."""
 
 
 @dataclass(frozen=True)
-class NoiseEMA:
-    """Bias-corrected EMAs of per-step ``(|G|^2, tr(Sigma))`` estimates and of their second moments.
+class NoiseWindow:
+    """The last ``window`` per-step ``(|G|^2, tr(Sigma))`` estimates, or all of them (``None``).
 
-    Immutable: :meth:`update` returns a new state. The interval treats the measurements as independent
-    given the EMA weights (effective count ``n_eff = (1+d)(1-d^T) / ((1-d)(1+d^T))``); drift of the
-    parameters inflates the spread, so it errs wide.
+    While the weights move, ``|G|^2`` at the current weights changes within tens of steps, so an
+    estimate of the value *now* can only average recent steps: the ratio of the sums over a window
+    (both sums over the same steps), which forgets a measurement completely once it leaves the
+    window (an exponential average never does: a burst 10^6 times the rest, as Adam's first steps
+    give, ruled its second moments for hundreds of steps). At a fixed point (``window=None``) every
+    measurement counts, equally. Immutable: :meth:`update` returns a new state; plain fields, so it
+    serialises as numbers.
 
-    >>> ema = NoiseEMA(decay=0.9)
-    >>> for g, s in [(1.0, 90.0), (1.2, 110.0), (0.8, 100.0), (1.0, 100.0)]:
-    ...     ema = ema.update(g, s)
-    >>> est = ema.estimate()
-    >>> round(est.value, 1), est.count, est.low < est.value < est.high
-    (100.8, 4, True)
+    >>> w = NoiseWindow(window=3)
+    >>> for g, s in [(9.0, 9.0), (1.0, 90.0), (1.2, 110.0), (0.8, 100.0)]:
+    ...     w = w.update(g, s)
+    >>> est = w.estimate()
+    >>> round(est.value, 1), est.count, w.count
+    (100.0, 3, 4)
     """
 
-    decay: float = 0.95
-    count: int = 0
-    # biased (zero-started) EMAs of g, s, g*g, s*s, g*s
-    moments: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0)
+    window: int | None = DEFAULT_WINDOW
+    count: int = 0  # measurements folded in, in all
+    grad_sq: tuple[float, ...] = ()  # the window's measurements, oldest first
+    trace_cov: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        if not 0 < self.decay < 1:
-            raise FieldError("decay", f"must be in (0, 1), got {self.decay}")
+        if self.window is not None and not self.window >= 2:
+            raise FieldError(
+                "window", f"must be >= 2 measurements (or None: all), got {self.window}"
+            )
 
-    def update(self, grad_sq: float, trace_cov: float) -> NoiseEMA:
+    def update(self, grad_sq: float, trace_cov: float) -> NoiseWindow:
         """Fold in one measurement (finite numbers: skip non-finite ones before calling)."""
         if not (math.isfinite(grad_sq) and math.isfinite(trace_cov)):
             raise FieldError("grad_sq", f"must be finite, got ({grad_sq}, {trace_cov})")
-        d = self.decay
-        new = (grad_sq, trace_cov, grad_sq * grad_sq, trace_cov * trace_cov, grad_sq * trace_cov)
-        moments = tuple(d * m + (1 - d) * x for m, x in zip(self.moments, new, strict=True))
-        return NoiseEMA(d, self.count + 1, moments)  # type: ignore[arg-type]
+        keep = -(self.window - 1) if self.window is not None else None
+        if keep is None:
+            g, s = (*self.grad_sq, grad_sq), (*self.trace_cov, trace_cov)
+        else:
+            g, s = (*self.grad_sq[keep:], grad_sq), (*self.trace_cov[keep:], trace_cov)
+        return NoiseWindow(self.window, self.count + 1, g, s)
 
     def estimate(self, confidence: float = 0.95) -> NoiseEstimate | None:
-        """The noise scale with a ``confidence`` interval; ``None`` before two measurements."""
-        if not 0 < confidence < 1:
-            raise FieldError("confidence", f"must be in (0, 1), got {confidence}")
-        if self.count < 2:
-            return None
-        d, n = self.decay, self.count
-        g, s, gg, ss, gs = (m / (1 - d**n) for m in self.moments)
-        sum_w2 = (1 - d) * (1 + d**n) / ((1 + d) * (1 - d**n))  # sum of squared EMA weights
-        scale = sum_w2 / (1 - sum_w2)  # unbiased weighted covariance, times sum_w2: Var of the mean
-        var_g, var_s, cov = (
-            max(gg - g * g, 0.0) * scale,
-            max(ss - s * s, 0.0) * scale,
-            (gs - g * s) * scale,
-        )
-        t = t_quantile(0.5 + confidence / 2, max(1 / sum_w2 - 1, 1.0))  # n_eff < 2 at count 2
-        low, high = fieller_interval(s, g, var_s, var_g, cov, t)
-        value = noise_scale(g, s)
-        if g <= 0:
-            high = math.inf
-        return NoiseEstimate(value, low, high, g, s, n)
+        """The noise scale over the window with a ``confidence`` interval; ``None`` before two
+        measurements."""
+        return ratio_estimate(self.grad_sq, self.trace_cov, confidence)

@@ -35,8 +35,10 @@ norms at two batch sizes and feeds them to the estimators of :mod:`batchlab.core
 first step). The monitor never changes the update: after :meth:`forward_backward`, ``p.grad`` holds the
 plain mean-batch gradient, and the other modes only read gradients.
 
-Measurements stay on the device and are folded into bias-corrected EMAs only when :meth:`estimate` is
-called (or every 64 steps), so monitoring adds no host synchronisation per step. Layers that mix
+Measurements stay on the device and are folded into the estimate only when :meth:`estimate` is called
+(or every 64 steps), so monitoring adds no host synchronisation per step. The estimate is the ratio of
+the sums over the last ``window`` measured steps (:class:`batchlab.core.noise.NoiseWindow`), or over
+all of them with ``window=None`` for weights that do not move. Layers that mix
 examples (batch norm) are refused by ``split`` and ``per_example``: their gradient is not a sum of
 per-example ones. Examples are assumed drawn independently (:mod:`batchlab.core.noise`). A measurement with a
 non-finite gradient, a batch of one or a single micro-batch is skipped and counted in ``skipped``.
@@ -56,9 +58,9 @@ Example, ``per_example`` (``split`` is the same call)::
     ...     opt.zero_grad()
     ...     loss = gns.forward_backward(x[idx], y[idx])  # was: loss_fn(model(x), y).backward()
     ...     opt.step()
-    >>> est = gns.estimate()
-    >>> est.count, est.low <= est.value <= est.high
-    (30, True)
+    >>> est = gns.estimate()  # over the last 16 measured steps
+    >>> gns.count, est.count, est.low <= est.value <= est.high
+    (30, 16, True)
 
 ``accumulation`` (scale each micro-batch loss by its share of the batch, as usual)::
 
@@ -164,14 +166,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.overrides import TorchFunctionMode
 
 from batchlab.core import noise as noise_module
-from batchlab.core.noise import NoiseEMA, NoiseEstimate, effective_batches, two_batch_estimate
+from batchlab.core.noise import (
+    DEFAULT_WINDOW,
+    NoiseEstimate,
+    NoiseWindow,
+    effective_batches,
+    two_batch_estimate,
+    without_replacement,
+)
 from batchlab.engine.spec import SpecError
 from batchlab.errors import FieldError
 
 log = logging.getLogger(__name__)
 
 MODES = ("accumulation", "distributed", "split", "per_example")
-_FLUSH_EVERY = 64  # pending device-side measurements folded into the EMA at most this far apart
+_FLUSH_EVERY = 64  # pending device-side measurements folded in at most this far apart
 _REDUCE_EVERY = 16  # distributed: steps of local norms shared in one all-reduce
 _MATERIALIZE_ELEMENTS = 2**24  # per-example weight gradients materialised at most this many at once
 
@@ -816,7 +825,9 @@ class GradientNoiseScale:
         mode: ``"accumulation"``, ``"distributed"``, ``"split"`` or ``"per_example"``.
         loss_fn: ``loss_fn(model(x), y)`` -> mean loss; needed by ``split`` and ``per_example``.
         n_micro: micro-batches per batch in ``split`` (and the ``per_example`` fallback).
-        decay: EMA decay of the estimates (0.95: about 40 steps of memory).
+        window: measured steps an estimate averages (``None``: all, for weights that do not move).
+        population: the number of examples batches are drawn from without replacement (an epoch's
+            permutation of the training set); ``None``: drawn i.i.d.
         every: measure every ``every``-th step (other steps run plain).
         precondition: a ``torch.optim.Adam`` / ``AdamW`` whose second moments precondition gradients.
         confidence: coverage of the interval returned by :meth:`estimate`.
@@ -832,7 +843,8 @@ class GradientNoiseScale:
         *,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         n_micro: int = 4,
-        decay: float = 0.95,
+        window: int | None = DEFAULT_WINDOW,
+        population: int | None = None,
         every: int = 1,
         precondition: torch.optim.Optimizer | None = None,
         confidence: float = 0.95,
@@ -848,9 +860,12 @@ class GradientNoiseScale:
         if not 0 < confidence < 1:
             raise SpecError("confidence", f"must be in (0, 1), got {confidence}")
         try:
-            self._ema = NoiseEMA(decay)
+            self._window = NoiseWindow(window)
         except FieldError as exc:
-            raise SpecError("decay", exc.message) from None
+            raise SpecError("window", exc.message) from None
+        if population is not None and population < 2:
+            raise SpecError("population", f"must be >= 2 examples, got {population}")
+        self.population = population
         ddp = isinstance(model, DistributedDataParallel)
         net = model.module if ddp else model
         self.model, self.mode, self.loss_fn = model, mode, loss_fn
@@ -961,8 +976,12 @@ class GradientNoiseScale:
         return self.precondition is None or state.scales is not None, state.scales
 
     def _adam_scales(self) -> Scales:
-        """``1 / (sqrt(v_hat) + eps)`` per monitored parameter, as Adam divides by; ``None`` while a
-        parameter has no second moment yet."""
+        """``1 / (sqrt(v_hat) + eps)`` per monitored parameter, as Adam divides by, and 0 where Adam
+        has never seen a gradient (``v = 0``); ``None`` while a parameter has no second moment yet.
+
+        Adam never divides a gradient by ``eps`` alone (``v`` takes the gradient in first), but
+        ``1/eps`` on an entry only rare examples reach would make one example's gradient, scaled
+        1e8, the whole measurement: ``B_simple = N - 1`` whatever the data."""
         groups = {p: group for group in self.precondition.param_groups for p in group["params"]}
         out = {}
         for p in self.params:
@@ -971,7 +990,7 @@ class GradientNoiseScale:
             if v is None:
                 return None
             v_hat = _wide(v) / (1 - group["betas"][1] ** float(st["step"]))
-            out[p] = 1.0 / (v_hat.sqrt() + group["eps"])
+            out[p] = torch.where(v_hat > 0, 1.0 / (v_hat.sqrt() + group["eps"]), 0.0)
         return out
 
     def _backward(self, loss: Tensor) -> None:
@@ -1009,7 +1028,9 @@ class GradientNoiseScale:
             if not (math.isfinite(small) and math.isfinite(big)):
                 self._skip("non-finite gradient")
                 continue
-            self._ema = self._ema.update(*two_batch_estimate(small, big, *batches))
+            if self.population is not None:
+                batches = [without_replacement(b, self.population) for b in batches]
+            self._window = self._window.update(*two_batch_estimate(small, big, *batches))
 
     # ----- the calls a training loop makes -----
 
@@ -1220,16 +1241,16 @@ class GradientNoiseScale:
     # ----- results -----
 
     def estimate(self, confidence: float | None = None) -> NoiseEstimate | None:
-        """The noise scale so far with its interval and raw ``grad_sq`` / ``trace_cov`` (bias-corrected
-        EMAs); ``None`` before two measurements."""
+        """The noise scale over the window with its interval and the mean ``grad_sq`` /
+        ``trace_cov`` behind it; ``None`` before two measurements."""
         self._flush()
-        return self._ema.estimate(self.confidence if confidence is None else confidence)
+        return self._window.estimate(self.confidence if confidence is None else confidence)
 
     @property
     def count(self) -> int:
         """Measurements folded into the estimate."""
         self._flush()
-        return self._ema.count
+        return self._window.count
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue the same estimate, as plain numbers (loadable with
@@ -1279,7 +1300,7 @@ class GradientNoiseScale:
         ``distributed``."""
         self._pending.clear()
         self._unreduced.clear()
-        self._ema = NoiseEMA(self._ema.decay)
+        self._window = NoiseWindow(self._window.window)
 
     def remove(self) -> None:
         """Remove the ``accumulation`` and ``per_example`` hooks (a DDP comm hook cannot be removed)."""

@@ -213,6 +213,7 @@ class _Solo:
         self.ratios = optim.lr_ratios(self.opt)
         self.noise = None
         if spec.noise_scale:
+            from batchlab.core.noise import DEFAULT_WINDOW  # fixed weights at lr 0: average all
             from batchlab.engine.probes import GradientNoiseScale
 
             self.noise = GradientNoiseScale(
@@ -221,6 +222,8 @@ class _Solo:
                 loss_fn=task.loss_fn,
                 n_micro=spec.noise_splits,
                 precondition=self.opt if optim.REGISTRY[spec.optimizer].adaptive else None,
+                window=None if spec.lr == 0 and spec.optimizer == "sgd" else DEFAULT_WINDOW,
+                population=task.n_train,  # batches are slices of an epoch's permutation
             )
 
     def step(self, idx: list[Tensor], lrs: list[float]) -> Tensor:
