@@ -129,7 +129,7 @@ nothing: wrap the forward as usual::
     >>> gns.count
     3
 
-Resuming: ``state_dict()`` is plain numbers; a monitor loaded from it continues the same EMA::
+Resuming: ``state_dict()`` is plain numbers; a monitor loaded from it continues the same estimate::
 
     >>> state = gns.state_dict()  # e.g. torch.save({"model": ..., "gns": state}, path)
     >>> gns.remove()
