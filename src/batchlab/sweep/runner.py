@@ -60,6 +60,9 @@ EXECUTORS = ("inline", "local", "ray")
 PARENT_POLL_S = 1.0
 """How often a worker on a system without ``PR_SET_PDEATHSIG`` checks that its driver lives."""
 
+RAY_WAIT_S = 0.5
+"""Longest the driver waits inside Ray at a time (Ray's blocking wait delays a Ctrl-C)."""
+
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
@@ -330,8 +333,11 @@ def _ray(
         pending = {remote.remote(unit, 1, device, _keeps(unit, weighted)): unit for unit in todo}
         try:
             while pending:
-                (ready,), _ = ray.wait(list(pending), num_returns=1)
-                unit = pending.pop(ready)
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=RAY_WAIT_S)
+                if not done:
+                    continue
+                unit = pending.pop(done[0])
+                ready = done[0]
                 try:
                     outcome: list[RunResult] | BaseException = ray.get(ready)
                 except Exception as exc:  # a task's error arrives as RayTaskError: the unit failed
