@@ -336,8 +336,8 @@ def _ray(
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=RAY_WAIT_S)
                 if not done:
                     continue
-                unit = pending.pop(done[0])
-                ready = done[0]
+                (ready,) = done
+                unit = pending.pop(ready)
                 try:
                     outcome: list[RunResult] | BaseException = ray.get(ready)
                 except Exception as exc:  # a task's error arrives as RayTaskError: the unit failed
