@@ -35,10 +35,10 @@ batch_sizes = [8, 16, 32, 64, 128]
 lr = [0.05, 0.2]
 seeds = [0]
 optimizer = {name = "sgd", momentum = 0.9}
-budget = {steps = 400}
-eval_every = 100
+budget = {steps = 200}
+eval_every = 50
 """
-EVALS = 5  # history rows of a complete run: steps 0, 100, ..., 400
+EVALS = 5  # history rows of a complete run: steps 0, 50, ..., 200
 
 
 def start(args: list[str], cwd: Path, ignore_sigint: bool) -> subprocess.Popen:
