@@ -96,3 +96,11 @@ def _json_safe(obj: Any) -> Any:
 def main() -> None:
     """Entry point for ``python -m batchlab``."""
     app(prog_name="batchlab")
+
+
+@app.callback()
+def _arm_ctrl_c(ctx: typer.Context) -> None:
+    # every command: Ctrl-C stops it, even where SIGINT was inherited ignored (see _interrupt)
+    from batchlab.cli._interrupt import arm
+
+    ctx.call_on_close(arm())

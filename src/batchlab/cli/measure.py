@@ -25,6 +25,7 @@ from batchlab.cli._app import (
     fail_on,
     progress_bar,
 )
+from batchlab.cli._interrupt import stop_on_ctrl_c
 from batchlab.cli.train import parse_options
 from batchlab.core.range_test import SUGGESTIONS
 from batchlab.engine.spec import OPTIMIZERS, SpecError
@@ -148,8 +149,10 @@ def lr_find_command(
     if seeds < 1:
         fail("seeds", f"must be >= 1, got {seeds}")
     options = _optimizer_options(optimizer, momentum, weight_decay, beta1, beta2)
-    with progress_bar("range tests", disable=json_out) as bar:
-        job = bar.add_task("lr-find", total=len(sizes) * seeds)
+    bar = progress_bar("range tests", disable=json_out)
+    job = bar.add_task("lr-find", total=len(sizes) * seeds)
+    kept = f"of {len(sizes) * seeds} range tests were done; lr-find stores nothing"
+    with stop_on_ctrl_c(lambda: f"{bar.tasks[job].completed:.0f} {kept}", "rerun"), bar:
         try:
             result = lr_find(
                 task,

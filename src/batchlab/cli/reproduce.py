@@ -20,6 +20,7 @@ from batchlab.cli._app import (
     fail_on,
     progress_bar,
 )
+from batchlab.cli._interrupt import finished_runs, stop_on_ctrl_c
 from batchlab.cli.train import parse_options
 from batchlab.engine.spec import SpecError
 from batchlab.sweep.store import StoreError
@@ -33,6 +34,15 @@ def parse_claims(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         fail("claims", f"must be comma-separated numbers in 1..8, got {text!r}")
+
+
+def _kept(db: Path, before: int) -> str:
+    """What an interrupted reproduce leaves: the runs it stored (a rerun reuses them)."""
+    stored = len(finished_runs(db))
+    return (
+        f"{stored - before} runs stored in {db} by this command ({stored} finished runs there); "
+        "the runs still training were dropped"
+    )
 
 
 @app.command()
@@ -73,7 +83,11 @@ def reproduce(
             task=task,
             task_options=tuple(parse_options(task_option).items()),
         )
-        with progress_bar("reproduce", disable=json_out, unit="runs") as bar:
+        before = len(finished_runs(db))
+        with (
+            stop_on_ctrl_c(lambda: _kept(db, before)),
+            progress_bar("reproduce", disable=json_out, unit="runs") as bar,
+        ):
             job = bar.add_task("runs", total=None)
 
             def show(label: str, report) -> None:

@@ -2,6 +2,7 @@
 
 A bad file is one ``error: <key>: ...`` line and exit code 2 before anything is trained or stored.
 The live progress bar (stderr) shows runs done / total, the best run so far and the time left.
+Ctrl-C stops it, keeping every run stored so far, and prints the command that resumes (exit 130).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from batchlab.cli._app import DEFAULT_DB, DbOpt, DeviceOpt, app, console, emit_json, fail_on
+from batchlab.cli._interrupt import finished_runs, stop_on_ctrl_c
 from batchlab.engine.spec import SpecError
 from batchlab.sweep.runner import SweepReport, check_executor, run_sweep
-from batchlab.sweep.spec import check, load_sweep
+from batchlab.sweep.spec import SweepSpec, check, load_sweep, plan
 from batchlab.sweep.store import Store, StoreError
 
 
@@ -44,6 +46,16 @@ def _best(report: SweepReport) -> str:
     if best is None:
         return "best: -"
     return f"best {best.metric} {best.value:.4g} (B={best.batch_size}, lr={best.lr:g})"
+
+
+def _kept(sweep: SweepSpec, db: Path) -> str:
+    """What an interrupted sweep leaves: its finished runs in the store."""
+    planned = {s.run_id for s in plan(sweep)}
+    stored = len(finished_runs(db, sweep.study) & planned)
+    return (
+        f"{stored} of {len(planned)} runs of study '{sweep.study}' are stored in {db}; "
+        "the runs still training were dropped"
+    )
 
 
 def _summary(report: SweepReport, db: Path) -> Table:
@@ -103,6 +115,7 @@ def sweep_command(
     )
     try:
         with (
+            stop_on_ctrl_c(lambda: _kept(sweep, db)),
             _logs_on_stderr(),
             Store(db) as store,
             Progress(*columns, console=console) as bar,

@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from batchlab.cli._app import (
@@ -27,6 +28,7 @@ from batchlab.cli._app import (
     fail_on,
     progress_bar,
 )
+from batchlab.cli._interrupt import stop_on_ctrl_c
 from batchlab.engine.spec import OPTIMIZERS, RunResult, RunSpec, SpecError
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,14 @@ def store_result(store: Any, result: RunResult, study: str | None, weights: Any 
             store.put(result, study=study, weights=weights)
         except StoreError as exc:
             fail_on(exc)
+
+
+def _stopped(spec: RunSpec, bar: Progress, db: Path | None) -> str:
+    """What an interrupted ``train`` leaves: nothing stored (a partial run must never look finished,
+    so a resumed sweep trains it again)."""
+    (task,) = bar.tasks
+    stored = f"; nothing was stored in {db}" if db is not None else ""
+    return f"run {spec.run_id} stopped at step {task.completed:.0f} of {task.total:.0f}{stored}"
 
 
 def result_table(result: RunResult) -> Table:
@@ -214,8 +224,9 @@ def train(
         fail_on(exc)
     store = open_store(db)
     console.print(f"[dim]{p.describe(spec)}[/dim]")
-    with progress_bar("training", disable=json_out, unit="steps") as bar:
-        job = bar.add_task("train", total=p.total_steps)
+    bar = progress_bar("training", disable=json_out, unit="steps")
+    job = bar.add_task("train", total=p.total_steps)
+    with stop_on_ctrl_c(lambda: _stopped(spec, bar, db), "rerun"), bar:
         result = run_train(
             spec,
             task=built,

@@ -6,7 +6,9 @@ at most as many as the engine vectorizes at once. Units go to one of three execu
 - ``inline``: in this process, one after another (torch's default threads).
 - ``local``: a pool of worker processes on this machine (``workers``, each with
   ``cores // workers`` torch threads: small models train fastest one thread per core). Workers die
-  with the driver, even on ``kill -9`` (``PR_SET_PDEATHSIG`` on Linux, a parent watcher elsewhere).
+  with the driver, even on ``kill -9`` (``PR_SET_PDEATHSIG`` on Linux, a parent watcher elsewhere),
+  and ignore SIGINT from birth: Ctrl-C reaches the whole process group, and only the driver decides
+  what it stops.
 - ``ray``: one Ray task per unit, never a single tiny run (Ray costs seconds per start and about
   0.6 GB idle). Without ``address`` a local Ray starts with its files in a fresh temporary folder
   (logged, removed afterwards) and a per-process auth token in the environment, so nothing is
@@ -14,7 +16,9 @@ at most as many as the engine vectorizes at once. Units go to one of three execu
 
 Only the driver writes the store, one transaction per unit, so a driver killed at any moment
 leaves every run stored completely or not at all; rerunning the sweep plans the same ids and
-skips those finished (``ok`` or ``diverged``), and failed ones unless ``retry_failed``.
+skips those finished (``ok`` or ``diverged``), and failed ones unless ``retry_failed``. On
+``KeyboardInterrupt`` (Ctrl-C) in the driver the units in training are dropped, never stored: the
+pool's workers are killed, Ray's tasks cancelled, and the interrupt goes on to the caller.
 
 ``run_sweep`` runs a ``SweepSpec``; ``run_specs`` runs any RunSpecs grouped by study (what
 ``batchlab reproduce`` uses), training a run shared by several studies once.
@@ -36,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +59,9 @@ log = logging.getLogger(__name__)
 EXECUTORS = ("inline", "local", "ray")
 PARENT_POLL_S = 1.0
 """How often a worker on a system without ``PR_SET_PDEATHSIG`` checks that its driver lives."""
+
+RAY_WAIT_S = 0.5
+"""Longest the driver waits inside Ray at a time (Ray's blocking wait delays a Ctrl-C)."""
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -162,7 +169,8 @@ SweepProgress = Callable[[SweepReport], None]
 
 
 # --------------------------------------------------------------------------------------------------
-# Executors: each yields (unit, results or the error that stopped the unit) as units finish
+# Executors: each yields (unit, results or the error that stopped the unit) as units finish;
+# closing one early (Ctrl-C) drops the units in training and stops its workers
 
 
 Outcome = tuple[list[RunSpec], list[RunResult] | BaseException]
@@ -178,7 +186,7 @@ def _inline(
     device: str | None,
     weighted: set[str],
     on_steps: Callable[[float], None],
-) -> Iterator[Outcome]:
+) -> Generator[Outcome, None, None]:
     for unit in todo:
 
         def progress(done: int, total: int, n: int = len(unit)) -> None:
@@ -211,14 +219,34 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _init_worker(parent: int, path: list[str]) -> None:
-    """Pool initializer: die with the driver and see its ``sys.path`` (a user's task module)."""
+    """Pool initializer: die with the driver, leave Ctrl-C to it, see its ``sys.path`` (a user's
+    task module)."""
     _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # mostly inherited already: see _sigint_ignored
     sys.path[:] = path
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while the pool starts its workers, so each inherits the ignore from birth.
+
+    A worker hit by Ctrl-C while still importing torch would die with a traceback (or, later, hand
+    back a ``KeyboardInterrupt`` as a failed unit); an ignored disposition survives ``exec``. A
+    Ctrl-C in these milliseconds is lost; signal handlers can only change in the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 
 def _local(
     todo: list[list[RunSpec]], workers: int, device: str | None, weighted: set[str]
-) -> Iterator[Outcome]:
+) -> Generator[Outcome, None, None]:
     threads = threads_per_worker(workers)
     log.info("local pool: %d worker processes x %d torch threads", workers, threads)
     pool = ProcessPoolExecutor(
@@ -227,14 +255,21 @@ def _local(
         initializer=_init_worker,
         initargs=(os.getpid(), list(sys.path)),
     )
+    futures: dict[Future[list[RunResult]], list[RunSpec]] = {}
     try:
-        futures: dict[Future[list[RunResult]], list[RunSpec]] = {
-            pool.submit(run_unit, unit, threads, device, _keeps(unit, weighted)): unit
-            for unit in todo
-        }
+        with _sigint_ignored():  # the workers start in the first submits
+            for unit in todo:
+                futures[pool.submit(run_unit, unit, threads, device, _keeps(unit, weighted))] = unit
         for future in as_completed(futures):
             error = future.exception()
             yield futures[future], future.result() if error is None else error
+    except BaseException:  # Ctrl-C, or the caller stopped: drop the units in training now
+        dropped = sum(not f.done() for f in futures)
+        workers_now = list(pool._processes.values())  # no public way to stop them before 3.14
+        log.info("stopping %d worker processes; %d units dropped", len(workers_now), dropped)
+        for process in workers_now:
+            process.kill()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -299,21 +334,30 @@ def _ray(
     address: str | None,
     device: str | None,
     weighted: set[str],
-) -> Iterator[Outcome]:
+) -> Generator[Outcome, None, None]:
     with ray_session(address, workers) as ray:
         # Ray hides GPUs from tasks that ask for none: with CUDA, each unit asks for a share
         gpus = ray.cluster_resources().get("GPU", 0.0) if device != "cpu" else 0.0
         share = min(1.0, gpus / workers) if gpus else 0.0
         remote = ray.remote(num_cpus=1, num_gpus=share)(run_unit)
         pending = {remote.remote(unit, 1, device, _keeps(unit, weighted)): unit for unit in todo}
-        while pending:
-            (ready,), _ = ray.wait(list(pending), num_returns=1)
-            unit = pending.pop(ready)
-            try:
-                outcome: list[RunResult] | BaseException = ray.get(ready)
-            except Exception as exc:  # a task's error arrives as RayTaskError: the unit failed
-                outcome = exc
-            yield unit, outcome
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=RAY_WAIT_S)
+                if not done:
+                    continue
+                (ready,) = done
+                unit = pending.pop(ready)
+                try:
+                    outcome: list[RunResult] | BaseException = ray.get(ready)
+                except Exception as exc:  # a task's error arrives as RayTaskError: the unit failed
+                    outcome = exc
+                yield unit, outcome
+        except BaseException:  # Ctrl-C, or the caller stopped: a cluster must not train on
+            log.info("cancelling %d Ray tasks", len(pending))
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -436,25 +480,26 @@ def run_specs(
             progress(report)
 
     tick()
-    outcomes: Iterator[Outcome]
-    if not batches:  # nothing to train: start no workers and no Ray
-        outcomes = iter(())
-    elif executor == "inline":
+    outcomes: Generator[Outcome, None, None]
+    if executor == "inline" or not batches:  # nothing to train: start no workers and no Ray
         outcomes = _inline(batches, tasks, device, weighted, tick)
     elif executor == "local":
         outcomes = _local(batches, n_workers, device, weighted)
     else:
         outcomes = _ray(batches, n_workers, address, device, weighted)
-    for unit, outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            log.warning("a unit of %d runs failed: %r", len(unit), outcome)
-            outcome = [failed_result(s, f"{type(outcome).__name__}: {outcome}") for s in unit]
-        _store(store, outcome, member_of, weighted)
-        for result in outcome:
-            report.count(result.status)
-            report.consider(result.run_id, result.spec, result.status, result.final)
-        finished += len(unit)
-        tick()
+    try:
+        for unit, outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                log.warning("a unit of %d runs failed: %r", len(unit), outcome)
+                outcome = [failed_result(s, f"{type(outcome).__name__}: {outcome}") for s in unit]
+            _store(store, outcome, member_of, weighted)
+            for result in outcome:
+                report.count(result.status)
+                report.consider(result.run_id, result.spec, result.status, result.final)
+            finished += len(unit)
+            tick()
+    finally:  # interrupted between units (Ctrl-C while storing one): stop the executor now
+        outcomes.close()
     return report
 
 
