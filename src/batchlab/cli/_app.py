@@ -1,23 +1,101 @@
 """The shared typer ``app``, the helpers every command module uses and the options they share.
 
 Bad input is one line on stderr naming the field and what is allowed, and exit code 2 (``fail``,
-``fail_on``). Only the CLI prints; library code logs.
+``fail_on``). Only the CLI prints; library code logs. The ``app``'s group (``OneLineErrors``) holds
+typer's own parsing errors (``--batch-size abc``, a missing or unknown option) to the same one line,
+and refuses a NaN or infinite value of every float option before the command runs.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from typer._click.exceptions import (
+    BadParameter,
+    MissingParameter,
+    NoArgsIsHelpError,
+    NoSuchOption,
+    UsageError,
+)
+from typer.core import TyperGroup
 
 from batchlab.errors import FieldError
 
+
+def _finite(ctx: typer.Context, param: Any, value: Any) -> Any:
+    """The one check of every float option: a NaN or infinite value is ``error: <option>: ...``."""
+    values = value if isinstance(value, list | tuple) else (value,)
+    for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            fail(param.name, f"must be a finite number, got {v}")
+    return value
+
+
+def _usage_field(exc: UsageError) -> str:
+    """The option a typer/click usage error is about (``--batch-size``), else ``usage``."""
+    if isinstance(exc, NoSuchOption):
+        return exc.option_name
+    if isinstance(exc, BadParameter) and exc.param is not None:
+        names = [o for o in exc.param.opts if o.startswith("--")] or exc.param.opts
+        return names[0] if names else exc.param.human_readable_name
+    return "usage"
+
+
+def _usage_message(exc: UsageError) -> str:
+    """What is wrong, on one line (a bad value's own message: the option is already the field)."""
+    own = isinstance(exc, BadParameter) and not isinstance(exc, MissingParameter)
+    return " ".join((exc.message if own else exc.format_message()).split())
+
+
+class OneLineErrors(TyperGroup):
+    """The ``batchlab`` group: every float option checked finite, parsing errors as one line.
+
+    Typer draws a usage error (``--batch-size abc``) as a multi-line box; here it is
+    ``error: --batch-size: <what typer says>`` and exit code 2, like every other bad input.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for command in self.commands.values():
+            for param in command.params:
+                if param.callback is None:
+                    param.callback = _finite
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Run the CLI; a usage error (except ``batchlab`` alone, which shows help) is one line."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except UsageError as exc:
+            typer.echo(f"error: {_usage_field(exc)}: {_usage_message(exc)}", err=True)
+            sys.exit(2)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     help="batchlab: what learning rate, warmup, schedule and budget a new batch size needs.",

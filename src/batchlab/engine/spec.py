@@ -35,6 +35,59 @@ FLOAT_FIELDS = (
     "diverge_factor",
 )
 """Fields stored as floats whatever number type was given, so ``lr=1`` and ``lr=1.0`` share an id."""
+FLOAT_RANGES: dict[str, tuple[float, float, str]] = {
+    "lr": (0.0, math.inf, "[)"),
+    "momentum": (0.0, 1.0, "[)"),
+    "beta1": (0.0, 1.0, "[)"),
+    "beta2": (0.0, 1.0, "[)"),
+    "eps": (0.0, math.inf, "()"),
+    "weight_decay": (0.0, math.inf, "[)"),
+    "warmup_epochs": (0.0, math.inf, "[)"),
+    "budget": (0.0, math.inf, "()"),
+    "diverge_factor": (1.0, math.inf, "()"),
+}
+"""The interval of each float field (low, high, which ends are closed); every one must be finite."""
+MAX_BATCH_SIZE = 2**40
+"""Largest batch size any command accepts (about 10^12 examples: far above what a machine holds)."""
+MAX_SEED = 2**32 - 1
+"""Seeds are integers in [0, 2**32 - 1] (numpy's range): negative seeds are refused."""
+
+
+def check_number(name: str, value: Any, low: float, high: float, ends: str = "[]") -> None:
+    """Raise ``SpecError`` unless ``value`` is a finite number in the interval: the one float check.
+
+    ``ends`` says which ends are closed, e.g. ``"[)"`` for ``low <= value < high``.
+
+    >>> check_number("momentum", 0.9, 0.0, 1.0, "[)")
+    >>> check_number("weight_decay", float("nan"), 0.0, math.inf, "[)")
+    Traceback (most recent call last):
+    ...
+    batchlab.engine.spec.SpecError: weight_decay: must be a finite number >= 0, got nan
+    """
+    above = value > low if ends[0] == "(" else value >= low
+    below = value < high if ends[1] == ")" else value <= high
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if number and math.isfinite(value) and above and below:
+        return
+    if high == math.inf:
+        allowed = f"{'>' if ends[0] == '(' else '>='} {low:g}"
+    else:
+        allowed = f"in {ends[0]}{low:g}, {high:g}{ends[1]}"
+    raise SpecError(name, f"must be a finite number {allowed}, got {value!r}")
+
+
+def check_integer(name: str, value: Any, low: int, high: int) -> None:
+    """Raise ``SpecError`` unless ``value`` is an integer in ``[low, high]`` (batch sizes, seeds)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise SpecError(name, f"must be an integer in [{low}, {_power(high)}], got {value!r}")
+
+
+def _power(n: int) -> str:
+    """``2**40`` and ``2**32 - 1`` written as such (other numbers as they are)."""
+    k = n.bit_length()
+    if n == 2 ** (k - 1):
+        return f"2**{k - 1}"
+    return f"2**{k} - 1" if n == 2**k - 1 and k > 16 else str(n)
 
 
 class RunStatus(StrEnum):
@@ -155,39 +208,26 @@ class RunSpec:
 
     def validate(self) -> None:
         """Raise ``SpecError`` naming the first bad field; checks that need no data set."""
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise SpecError("batch_size", f"must be an integer >= 1, got {self.batch_size!r}")
-        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr >= 0):
-            raise SpecError("lr", f"must be a finite number >= 0, got {self.lr!r}")
+        check_integer("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        check_integer("seed", self.seed, 0, MAX_SEED)
+        for name, interval in FLOAT_RANGES.items():
+            check_number(name, getattr(self, name), *interval)
         if self.optimizer not in OPTIMIZERS:
             raise SpecError(
                 "optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
             )
-        if not 0.0 <= self.momentum < 1.0:
-            raise SpecError("momentum", f"must be in [0, 1), got {self.momentum!r}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise SpecError("nesterov", "needs the sgd optimizer with momentum > 0")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise SpecError(name, f"must be in [0, 1), got {getattr(self, name)!r}")
-        if self.eps <= 0:
-            raise SpecError("eps", f"must be > 0, got {self.eps!r}")
-        if self.weight_decay < 0:
-            raise SpecError("weight_decay", f"must be >= 0, got {self.weight_decay!r}")
         if self.schedule not in LR_SCHEDULES:
             raise SpecError(
                 "schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {self.schedule!r}"
             )
         if self.warmup not in WARMUPS:
             raise SpecError("warmup", f"must be one of {', '.join(WARMUPS)}, got {self.warmup!r}")
-        if self.warmup_epochs < 0:
-            raise SpecError("warmup_epochs", f"must be >= 0, got {self.warmup_epochs!r}")
         if self.budget_unit not in BUDGET_UNITS:
             raise SpecError(
                 "budget", f"unit must be one of {', '.join(BUDGET_UNITS)}, got {self.budget_unit!r}"
             )
-        if not (math.isfinite(self.budget) and self.budget > 0):
-            raise SpecError("budget", f"must be a finite number > 0, got {self.budget!r}")
         if self.budget_unit == "steps" and self.budget != int(self.budget):
             raise SpecError("budget", f"a steps budget must be a whole number, got {self.budget}")
         if self.eval_every < 0:
@@ -200,8 +240,6 @@ class RunSpec:
                 f"must divide batch_size {self.batch_size}, got {self.micro_batch_size!r}",
             )
         self._validate_noise()
-        if self.diverge_factor <= 1:
-            raise SpecError("diverge_factor", f"must be > 1, got {self.diverge_factor!r}")
         for epoch, size in self.batch_schedule:
             if epoch < 0 or size < 1:
                 raise SpecError(
