@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -112,6 +113,21 @@ def fail(field: str, message: str) -> NoReturn:
 def fail_on(exc: FieldError, rename: Mapping[str, str] | None = None) -> NoReturn:
     """``fail`` with the error's field and message; ``rename`` maps a library field to an option."""
     fail((rename or {}).get(exc.field, exc.field), exc.message)
+
+
+def check_out_folder(path: Path, field: str = "out") -> None:
+    """Refuse, before any work, an output folder that is an existing file or cannot be written.
+
+    An existing folder is fine: the files the command writes there are replaced, others are kept.
+    Nothing is created here, so a command that fails later leaves no empty folder behind.
+    """
+    if path.exists() and not path.is_dir():
+        fail(field, f"'{path}' is a file; --{field} names a folder (it is created when missing)")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        fail(field, f"cannot write in '{parent}' (permission denied or not a folder)")
 
 
 # Options several commands share, declared once: name and help here, the default in the signature

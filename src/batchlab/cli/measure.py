@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from batchlab.cli._app import (
 from batchlab.cli._interrupt import stop_on_ctrl_c
 from batchlab.cli.train import parse_options
 from batchlab.core.range_test import SUGGESTIONS
-from batchlab.engine.spec import OPTIMIZERS, SpecError
+from batchlab.engine.spec import OPTIMIZERS, SpecError, check_integer, check_number
 
 if TYPE_CHECKING:
     from batchlab.engine.lr_finder import LRFindResult
@@ -78,8 +79,10 @@ def _lr_table(result: LRFindResult) -> Table:
     """Geometric means over seeds per batch size; ``*`` marks the suggestion reported."""
     n_seeds = len(result.settings["seeds"])
     table = Table(
-        title=f"LR range test: {result.task}, {result.settings['optimizer']}, "
-        f"geometric mean of {n_seeds} seeds",
+        title=escape(
+            f"LR range test: {result.task}, {result.settings['optimizer']}, "
+            f"geometric mean of {n_seeds} seeds"
+        ),
         box=box.SIMPLE_HEAD,
     )
     table.add_column("B", justify="right")
@@ -93,6 +96,16 @@ def _lr_table(result: LRFindResult) -> Table:
             _num(entry.consensus.spread, ".2f"),
         )
     return table
+
+
+def _check_plot(path: Path) -> None:
+    """Refuse, before any work, a ``--plot`` file of an image type matplotlib cannot write."""
+    from matplotlib.figure import Figure
+
+    types = Figure().canvas.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in types:
+        what = f"unknown image type {path.suffix!r}" if path.suffix else "no image type (suffix)"
+        fail("plot", f"{what}; use one of {', '.join(types)}")
 
 
 def _save_plot(result: LRFindResult, path: Path) -> None:
@@ -143,11 +156,17 @@ def lr_find_command(
 ) -> None:
     """LR range test: suggested learning rates per batch size, their spread over seeds and, with
     several batch sizes, the exponent of lr ~ B^exponent."""
-    from batchlab.engine.lr_finder import lr_find
+    from batchlab.engine.lr_finder import check_ramp, lr_find
 
     sizes = _batch_sizes(batch_size, batch_sizes)
     if seeds < 1:
         fail("seeds", f"must be >= 1, got {seeds}")
+    if plot is not None:
+        _check_plot(plot)
+    try:
+        check_ramp(start_lr, end_lr, steps)
+    except SpecError as exc:
+        fail_on(exc)
     options = _optimizer_options(optimizer, momentum, weight_decay, beta1, beta2)
     bar = progress_bar("range tests", disable=json_out)
     job = bar.add_task("lr-find", total=len(sizes) * seeds)
@@ -223,6 +242,11 @@ def sharpness_command(
     from batchlab.engine.tasks import stored_task
     from batchlab.sweep.store import StoreError
 
+    try:  # the options first: nothing is read, built or printed for a bad one
+        check_integer("iters", iters, 1)
+        check_number("epsilon", epsilon, 0.0, math.inf, "()")
+    except SpecError as exc:
+        fail_on(exc)
     try:
         with open_store(db) as store:
             record = store.get(run)

@@ -16,7 +16,16 @@ from rich.table import Table
 
 from batchlab.analysis import StudyAnalysis, Target, analyze
 from batchlab.analysis.summary import fmt
-from batchlab.cli._app import DEFAULT_DB, DbOpt, app, console, emit_json, fail, fail_on
+from batchlab.cli._app import (
+    DEFAULT_DB,
+    DbOpt,
+    app,
+    check_out_folder,
+    console,
+    emit_json,
+    fail,
+    fail_on,
+)
 from batchlab.cli.store import open_store
 from batchlab.engine.spec import SpecError
 from batchlab.sweep.store import StoreError
@@ -69,9 +78,13 @@ def report_command(
     """Write a self-contained HTML report of a study (figures embedded, also saved as PNG/SVG)."""
     from batchlab.report import write_report
 
+    check_out_folder(out)
     analysis = _analysis(db, study, target)
     with console.status("drawing figures"):
-        page = write_report(analysis, out)
+        try:
+            page = write_report(analysis, out)
+        except OSError as exc:
+            fail("out", f"cannot write in '{out}': {exc.strerror or exc}")
     figures = sorted(str(p) for p in (page.parent / "figures").glob("*.png"))
     if as_json:
         emit_json({"index": str(page), "figures": figures})

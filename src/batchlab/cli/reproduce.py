@@ -14,6 +14,7 @@ from batchlab.cli._app import (
     JsonOpt,
     TaskOptionsOpt,
     app,
+    check_out_folder,
     console,
     emit_json,
     fail,
@@ -73,6 +74,7 @@ def reproduce(
     from batchlab.reproduce.run import reproduce as run_reproduce
 
     numbers = parse_claims(claims)
+    check_out_folder(out)
     try:
         check_claims(numbers)  # before the progress bar draws anything
         setup = Setup(

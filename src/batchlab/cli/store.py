@@ -15,9 +15,10 @@ from typing import Annotated, Any
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from batchlab.cli._app import DEFAULT_DB, DbOpt, app, emit_json, fail, fail_on
+from batchlab.cli._app import DEFAULT_DB, DbOpt, app, check_out_folder, emit_json, fail, fail_on
 from batchlab.sweep.store import Damage, RunRecord, Store, StoreError, StudyInfo
 
 StudyOpt = Annotated[str | None, typer.Option("--study", help="Only the runs of this study.")]
@@ -38,9 +39,10 @@ def _num(value: float | None) -> str:
 
 
 def _table(title: str, rows: list[Any], columns: dict[str, Callable[[Any], str]]) -> Table:
-    """A compact rich table (fits 80 columns): text columns left, numbers right."""
+    """A compact rich table (fits 80 columns): text columns left, numbers right; every cell is
+    shown as it is (a study named ``mk[/red]`` is not rich markup)."""
     table = Table(
-        title=title,
+        title=escape(title),
         box=box.SIMPLE_HEAD,
         pad_edge=False,
         show_edge=False,
@@ -50,7 +52,7 @@ def _table(title: str, rows: list[Any], columns: dict[str, Callable[[Any], str]]
         left = name in ("id", "study", "task", "status", "created")
         table.add_column(name, justify="left" if left else "right", no_wrap=name == "id")
     for row in rows:
-        table.add_row(*(cell(row) for cell in columns.values()))
+        table.add_row(*(escape(cell(row)) for cell in columns.values()))
     return table
 
 
@@ -162,8 +164,12 @@ def export_command(
     as_json: bool = typer.Option(False, "--json", help='Print {"files": [...], "runs": N}.'),
 ) -> None:
     """Export runs and their histories to CSV or Parquet files."""
+    check_out_folder(out)
     with _reading(db, study) as store:
-        paths = store.export(out, fmt=fmt, study=study)
+        try:
+            paths = store.export(out, fmt=fmt, study=study)
+        except OSError as exc:
+            fail("out", f"cannot write in '{out}': {exc.strerror or exc}")
         n_runs = len(store.runs(study))
     if as_json:
         emit_json({"files": [str(p) for p in paths], "runs": n_runs})

@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -59,7 +60,7 @@ def _kept(sweep: SweepSpec, db: Path) -> str:
 
 
 def _summary(report: SweepReport, db: Path) -> Table:
-    table = Table(title=f"study {report.study} in {db}", show_header=False, box=None)
+    table = Table(title=escape(f"study {report.study} in {db}"), show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
     rows = {
@@ -72,7 +73,7 @@ def _summary(report: SweepReport, db: Path) -> Table:
         "best": _best(report).removeprefix("best "),
     }
     for key, value in rows.items():
-        table.add_row(key, value)
+        table.add_row(key, escape(value))
     return table
 
 
@@ -120,7 +121,7 @@ def sweep_command(
             Store(db) as store,
             Progress(*columns, console=console) as bar,
         ):
-            job = bar.add_task(sweep.study, total=None, best="")
+            job = bar.add_task(escape(sweep.study), total=None, best="")
 
             def show(report: SweepReport) -> None:
                 bar.update(job, total=report.to_run, completed=report.done, best=_best(report))

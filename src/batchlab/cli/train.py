@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -121,7 +122,7 @@ def result_table(result: RunResult) -> Table:
         if est:
             rows.append((label, f"{est['value']:.4g} [{est['low']:.4g}, {est['high']:.4g}]"))
     for name, value in rows:
-        table.add_row(name, value)
+        table.add_row(name, escape(value))
     return table
 
 
@@ -223,7 +224,7 @@ def train(
     except SpecError as exc:
         fail_on(exc)
     store = open_store(db)
-    console.print(f"[dim]{p.describe(spec)}[/dim]")
+    console.print(f"[dim]{escape(p.describe(spec))}[/dim]")
     bar = progress_bar("training", disable=json_out, unit="steps")
     job = bar.add_task("train", total=p.total_steps)
     with stop_on_ctrl_c(lambda: _stopped(spec, bar, db), "rerun"), bar:

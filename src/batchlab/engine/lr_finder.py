@@ -34,7 +34,7 @@ from batchlab.core.range_test import (
 )
 from batchlab.engine import optim
 from batchlab.engine.data import BatchStream, resolve_device
-from batchlab.engine.spec import OPTIMIZERS, SpecError
+from batchlab.engine.spec import MAX_LR, OPTIMIZERS, SpecError, check_number
 from batchlab.engine.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -170,11 +170,10 @@ def _batch_iterator(
             return
 
 
-def _check_ramp(start_lr: float, end_lr: float, steps: int) -> np.ndarray:
-    if not (isinstance(start_lr, int | float) and math.isfinite(start_lr) and start_lr > 0):
-        raise SpecError("start_lr", f"must be a finite number > 0, got {start_lr!r}")
-    if not (isinstance(end_lr, int | float) and math.isfinite(end_lr) and end_lr > start_lr):
-        raise SpecError("end_lr", f"must be finite and > start_lr ({start_lr}), got {end_lr!r}")
+def check_ramp(start_lr: float, end_lr: float, steps: int) -> np.ndarray:
+    """The ramp's learning rates, or ``SpecError``: both ends finite, ``0 < start < end <= MAX_LR``."""
+    check_number("start_lr", start_lr, 0.0, MAX_LR, "(]")
+    check_number("end_lr", end_lr, start_lr, MAX_LR, "(]")
     if not isinstance(steps, int) or steps < 2:
         raise SpecError("steps", f"must be an integer >= 2, got {steps!r}")
     return start_lr * (end_lr / start_lr) ** (np.arange(steps) / (steps - 1))
@@ -206,7 +205,7 @@ def lr_range_test(
     (``diverge_factor``); afterwards model, optimizer, gradients, modes and RNG are as before.
     """
     params = _trainable(model)
-    lrs = _check_ramp(start_lr, end_lr, steps)
+    lrs = check_ramp(start_lr, end_lr, steps)
     if method not in SUGGESTIONS:
         raise SpecError("method", f"must be one of {', '.join(SUGGESTIONS)}, got {method!r}")
     if not diverge_factor > 1:
@@ -374,6 +373,7 @@ def lr_find(
     ``seeds`` is a count (seeds 0..n-1) or explicit seeds; ``progress(done, total)`` is called
     after each test.
     """
+    check_ramp(start_lr, end_lr, steps)  # before the task is built
     if isinstance(task, str):
         task = get_task(task, **dict(task_options or {}))
     elif task_options:

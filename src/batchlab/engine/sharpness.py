@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from batchlab.engine.data import resolve_device
-from batchlab.engine.spec import RunSpec, SpecError
+from batchlab.engine.spec import RunSpec, SpecError, check_integer, check_number
 from batchlab.engine.tasks import Task, stored_task
 from batchlab.engine.train import build_model
 
@@ -175,17 +175,13 @@ def _tridiagonal_eigh(alphas: list[float], betas: list[float]) -> tuple[np.ndarr
 
 
 def _check_lanczos(iters: int, tol: float) -> None:
-    if not isinstance(iters, int) or iters < 1:
-        raise SpecError("iters", f"must be an integer >= 1, got {iters!r}")
-    if not (math.isfinite(tol) and tol > 0):
-        raise SpecError("tol", f"must be a finite number > 0, got {tol!r}")
+    check_integer("iters", iters, 1)
+    check_number("tol", tol, 0.0, math.inf, "()")
 
 
 def _check_keskar(epsilon: float, maxiter: int) -> None:
-    if not (math.isfinite(epsilon) and epsilon > 0):
-        raise SpecError("epsilon", f"must be a finite number > 0, got {epsilon!r}")
-    if not isinstance(maxiter, int) or maxiter < 1:
-        raise SpecError("maxiter", f"must be an integer >= 1, got {maxiter!r}")
+    check_number("epsilon", epsilon, 0.0, math.inf, "()")
+    check_integer("maxiter", maxiter, 1)
 
 
 def _top_eigenvalue(flat: _FlatLoss, iters: int, tol: float, seed: int) -> float:

@@ -35,8 +35,11 @@ FLOAT_FIELDS = (
     "diverge_factor",
 )
 """Fields stored as floats whatever number type was given, so ``lr=1`` and ``lr=1.0`` share an id."""
+MAX_LR = 1e10
+"""Largest learning rate any command accepts: far past divergence, well inside float32 (a larger
+one overflows the parameter update, e.g. an LR ramp to 1e308)."""
 FLOAT_RANGES: dict[str, tuple[float, float, str]] = {
-    "lr": (0.0, math.inf, "[)"),
+    "lr": (0.0, MAX_LR, "[]"),
     "momentum": (0.0, 1.0, "[)"),
     "beta1": (0.0, 1.0, "[)"),
     "beta2": (0.0, 1.0, "[)"),
@@ -76,10 +79,19 @@ def check_number(name: str, value: Any, low: float, high: float, ends: str = "[]
     raise SpecError(name, f"must be a finite number {allowed}, got {value!r}")
 
 
-def check_integer(name: str, value: Any, low: int, high: int) -> None:
-    """Raise ``SpecError`` unless ``value`` is an integer in ``[low, high]`` (batch sizes, seeds)."""
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise SpecError(name, f"must be an integer in [{low}, {_power(high)}], got {value!r}")
+def check_integer(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """Raise ``SpecError`` unless ``value`` is an integer in ``[low, high]`` (no ``high``: ``>= low``).
+
+    >>> check_integer("seed", -1, 0, 2**32 - 1)
+    Traceback (most recent call last):
+    ...
+    batchlab.engine.spec.SpecError: seed: must be an integer in [0, 2**32 - 1], got -1
+    """
+    number = isinstance(value, int) and not isinstance(value, bool)
+    if number and low <= value and (high is None or value <= high):
+        return
+    allowed = f">= {low}" if high is None else f"in [{low}, {_power(high)}]"
+    raise SpecError(name, f"must be an integer {allowed}, got {value!r}")
 
 
 def _power(n: int) -> str:

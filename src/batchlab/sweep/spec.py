@@ -416,6 +416,12 @@ def load_sweep(path: str | Path) -> SweepSpec:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
         raise SpecError("sweep", f"cannot read '{path}': {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            "sweep",
+            f"'{path}' is not UTF-8 text (byte {exc.object[exc.start]:#x} at offset "
+            f"{exc.start}); save it as UTF-8",
+        ) from exc
     except tomllib.TOMLDecodeError as exc:
         raise SpecError("sweep", f"'{path}' is not valid TOML: {exc}") from exc
     return SweepSpec.from_dict(data, study=path.stem)
