@@ -213,7 +213,10 @@ def test_per_example_falls_back_to_split_and_says_so(user_tasks):
 
 
 def test_a_failing_model_is_a_failed_result(user_tasks):
-    out = run("--lr", "0.1", "--steps", "20", "-o", "kind=broken", task=user_tasks)
+    res = invoke("--lr", "0.1", "--steps", "20", "-o", "kind=broken", "--json", task=user_tasks)
+    assert res.exit_code == 1 and res.stderr.startswith("error: run: ")
+    assert "this model always fails" in res.stderr.splitlines()[-1]
+    out = json.loads(res.stdout)
     assert out["status"] == "failed" and "this model always fails" in out["error"]
     assert out["history"] == [] and out["critical_batch"] is None
 

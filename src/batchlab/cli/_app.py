@@ -1,7 +1,7 @@
 """The shared typer ``app``, the helpers every command module uses and the options they share.
 
 Bad input is one line on stderr naming the field and what is allowed, and exit code 2 (``fail``,
-``fail_on``). Only the CLI prints; library code logs. The ``app``'s group (``OneLineErrors``) holds
+``fail_on``); a run that failed while training is one line and exit code 1 (``fail_run``). Only the CLI prints; library code logs. The ``app``'s group (``OneLineErrors``) holds
 typer's own parsing errors (``--batch-size abc``, a missing or unknown option) to the same one line,
 and refuses a NaN or infinite value of every float option before the command runs.
 """
@@ -9,7 +9,6 @@ and refuses a NaN or infinite value of every float option before the command run
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -28,15 +27,18 @@ from typer._click.exceptions import (
 )
 from typer.core import TyperGroup
 
+from batchlab.core.rules import check_number
 from batchlab.errors import FieldError
 
 
 def _finite(ctx: typer.Context, param: Any, value: Any) -> Any:
     """The one check of every float option: a NaN or infinite value is ``error: <option>: ...``."""
-    values = value if isinstance(value, list | tuple) else (value,)
-    for v in values:
-        if isinstance(v, float) and not math.isfinite(v):
-            fail(param.name, f"must be a finite number, got {v}")
+    for v in value if isinstance(value, list | tuple) else (value,):
+        if isinstance(v, float):
+            try:
+                check_number(param.name, v)
+            except FieldError as exc:
+                fail_on(exc)
     return value
 
 
@@ -110,6 +112,12 @@ def fail(field: str, message: str) -> NoReturn:
     raise typer.Exit(code=2)
 
 
+def fail_run(what: str, reason: str) -> NoReturn:
+    """One ``error: run: ...`` line for a run (or runs) that failed while training, exit code 1."""
+    typer.echo(f"error: run: {what}: {' '.join(reason.split())}", err=True)
+    raise typer.Exit(code=1)
+
+
 def fail_on(exc: FieldError, rename: Mapping[str, str] | None = None) -> NoReturn:
     """``fail`` with the error's field and message; ``rename`` maps a library field to an option."""
     fail((rename or {}).get(exc.field, exc.field), exc.message)
@@ -157,6 +165,14 @@ RunStudyOpt = Annotated[
     str | None, typer.Option("--study", help="Study name the stored run belongs to.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+DEFAULT_MAX_STEPS = 10_000_000
+DEFAULT_MAX_RUNS = 10_000
+MaxStepsOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-steps", help="Refuse a run that plans more optimizer steps (raise it to allow one)."
+    ),
+]
 
 
 def progress_bar(label: str, *, disable: bool = False, unit: str = "") -> Progress:

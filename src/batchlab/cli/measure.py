@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +28,8 @@ from batchlab.cli._app import (
 from batchlab.cli._interrupt import stop_on_ctrl_c
 from batchlab.cli.train import parse_options
 from batchlab.core.range_test import SUGGESTIONS
-from batchlab.engine.spec import OPTIMIZERS, SpecError, check_integer, check_number
+from batchlab.core.rules import check_number
+from batchlab.engine.spec import OPTIMIZERS, SpecError, check_integer
 
 if TYPE_CHECKING:
     from batchlab.engine.lr_finder import LRFindResult
@@ -244,7 +244,7 @@ def sharpness_command(
 
     try:  # the options first: nothing is read, built or printed for a bad one
         check_integer("iters", iters, 1)
-        check_number("epsilon", epsilon, 0.0, math.inf, "()")
+        check_number("epsilon", epsilon, low=0.0, low_open=True, error=SpecError)
     except SpecError as exc:
         fail_on(exc)
     try:

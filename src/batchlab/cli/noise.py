@@ -30,6 +30,7 @@ from batchlab.cli._app import (
     emit_json,
     fail,
     fail_on,
+    fail_run,
     progress_bar,
 )
 from batchlab.cli.train import open_store, parse_options, store_result
@@ -221,6 +222,8 @@ def noise(
         emit_json(out)
     else:
         _print(out)
+    if result.status == "failed":
+        fail_run(f"{result.run_id} failed", result.error or "unknown error")
 
 
 def _print(out: dict[str, Any]) -> None:

@@ -19,7 +19,20 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from batchlab.cli._app import DEFAULT_DB, DbOpt, DeviceOpt, app, console, emit_json, fail_on
+from batchlab.cli._app import (
+    DEFAULT_DB,
+    DEFAULT_MAX_RUNS,
+    DEFAULT_MAX_STEPS,
+    DbOpt,
+    DeviceOpt,
+    MaxStepsOpt,
+    app,
+    console,
+    emit_json,
+    fail,
+    fail_on,
+    fail_run,
+)
 from batchlab.cli._interrupt import finished_runs, stop_on_ctrl_c
 from batchlab.engine.spec import SpecError
 from batchlab.sweep.runner import SweepReport, check_executor, run_sweep
@@ -98,13 +111,26 @@ def sweep_command(
         False, "--retry-failed", help="Train runs stored as failed again."
     ),
     device: DeviceOpt = None,
+    max_runs: int = typer.Option(
+        DEFAULT_MAX_RUNS,
+        "--max-runs",
+        help="Refuse a sweep that plans more runs (raise it to allow).",
+    ),
+    max_steps: MaxStepsOpt = DEFAULT_MAX_STEPS,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object."),
 ) -> None:
     """Train every batch size x lr x seed of a sweep file; finished runs are skipped on a rerun."""
     try:
         executor = check_executor(executor, workers, address)
         sweep = load_sweep(path)
-        task = check(sweep)
+        if sweep.n_runs > max_runs:
+            fail(
+                "runs",
+                f"the sweep plans {sweep.n_runs:,} runs ({len(sweep.batch_sizes)} batch sizes x "
+                f"their learning rates x {len(sweep.seeds)} seeds), more than --max-runs "
+                f"{max_runs:,}; raise --max-runs to train them",
+            )
+        task = check(sweep, max_steps=max_steps)
     except SpecError as exc:
         fail_on(exc)
     columns = (
@@ -143,3 +169,8 @@ def sweep_command(
         emit_json({**report.to_dict(), "db": str(db)})
     else:
         Console().print(_summary(report, db))
+    if report.failed:
+        fail_run(
+            f"{report.failed} of {report.planned} runs of study '{sweep.study}' failed",
+            f"see `batchlab runs --db {db} --status failed`; after a fix, rerun with --retry-failed",
+        )

@@ -15,9 +15,11 @@ from rich.progress import Progress
 from rich.table import Table
 
 from batchlab.cli._app import (
+    DEFAULT_MAX_STEPS,
     BatchSizeOpt,
     DeviceOpt,
     JsonOpt,
+    MaxStepsOpt,
     RunDbOpt,
     RunStudyOpt,
     TaskOpt,
@@ -27,6 +29,7 @@ from batchlab.cli._app import (
     emit_json,
     fail,
     fail_on,
+    fail_run,
     progress_bar,
 )
 from batchlab.cli._interrupt import stop_on_ctrl_c
@@ -177,6 +180,7 @@ def train(
     ),
     db: RunDbOpt = None,
     study: RunStudyOpt = None,
+    max_steps: MaxStepsOpt = DEFAULT_MAX_STEPS,
     json_out: JsonOpt = False,
 ) -> None:
     """Train one run and print its result (status, steps, final losses and metric, wall time)."""
@@ -223,6 +227,12 @@ def train(
         dev = resolve_device(device)
     except SpecError as exc:
         fail_on(exc)
+    if p.total_steps > max_steps:
+        fail(
+            "budget",
+            f"{p.total_steps:,} steps planned ({p.total_samples:,} samples), more than --max-steps "
+            f"{max_steps:,}; raise --max-steps to train this run",
+        )
     store = open_store(db)
     console.print(f"[dim]{escape(p.describe(spec))}[/dim]")
     bar = progress_bar("training", disable=json_out, unit="steps")
@@ -245,3 +255,5 @@ def train(
         emit_json(result.to_dict())
     else:
         Console().print(result_table(result))
+    if result.status == "failed":
+        fail_run(f"{result.run_id} failed", result.error or "unknown error")

@@ -59,6 +59,8 @@ DEFAULT_WARMUP_EPOCHS = 5.0
 # Goyal et al. 2017 Table 2a / Sec. 5: linear scaling with warmup matched the baseline up to 8k on
 # ImageNet and broke down beyond it.
 GOYAL_MAX_BATCH = 8192
+MAX_BATCH_SIZE = 10**12
+"""Largest batch size any command accepts: a trillion examples, far above what a machine holds."""
 # A warmup longer than this share of the run gets a warning (Goyal et al. 2017: 5 of 90 epochs).
 WARMUP_SHARE = 0.25
 
@@ -72,8 +74,10 @@ def check_number(
     low_open: bool = False,
     high_open: bool = False,
     integer: bool = False,
+    error: type[FieldError] = FieldError,
 ) -> float:
-    """Return ``value`` as a float if it is a finite number in the interval, else raise FieldError.
+    """Return ``value`` as a float if it is a finite number in the interval, else raise ``error``
+    (a ``FieldError`` subclass: the engine passes ``SpecError``). The one check of every float.
 
     >>> check_number("lr", 0.1, low=0.0, low_open=True)
     0.1
@@ -96,12 +100,12 @@ def check_number(
     ok = ok and (low is None or (value > low if low_open else value >= low))
     ok = ok and (high is None or (value < high if high_open else value <= high))
     if not ok:
-        raise FieldError(field, f"must be {allowed}, got {value!r}")
+        raise error(field, f"must be {allowed}, got {value!r}")
     return float(value)
 
 
 def _check_batch(field: str, value: Any) -> int:
-    return int(check_number(field, value, low=1, integer=True))
+    return int(check_number(field, value, low=1, high=MAX_BATCH_SIZE, integer=True))
 
 
 def _check_lr(field: str, value: Any) -> float:

@@ -32,9 +32,10 @@ from batchlab.core.range_test import (
     smooth_before_divergence,
     suggest_lrs,
 )
+from batchlab.core.rules import check_number
 from batchlab.engine import optim
 from batchlab.engine.data import BatchStream, resolve_device
-from batchlab.engine.spec import MAX_LR, OPTIMIZERS, SpecError, check_number
+from batchlab.engine.spec import MAX_LR, OPTIMIZERS, SpecError
 from batchlab.engine.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -172,8 +173,8 @@ def _batch_iterator(
 
 def check_ramp(start_lr: float, end_lr: float, steps: int) -> np.ndarray:
     """The ramp's learning rates, or ``SpecError``: both ends finite, ``0 < start < end <= MAX_LR``."""
-    check_number("start_lr", start_lr, 0.0, MAX_LR, "(]")
-    check_number("end_lr", end_lr, start_lr, MAX_LR, "(]")
+    check_number("start_lr", start_lr, low=0.0, low_open=True, high=MAX_LR, error=SpecError)
+    check_number("end_lr", end_lr, low=start_lr, low_open=True, high=MAX_LR, error=SpecError)
     if not isinstance(steps, int) or steps < 2:
         raise SpecError("steps", f"must be an integer >= 2, got {steps!r}")
     return start_lr * (end_lr / start_lr) ** (np.arange(steps) / (steps - 1))

@@ -31,8 +31,9 @@ from scipy.optimize import Bounds, minimize
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from batchlab.core.rules import check_number
 from batchlab.engine.data import resolve_device
-from batchlab.engine.spec import RunSpec, SpecError, check_integer, check_number
+from batchlab.engine.spec import RunSpec, SpecError, check_integer
 from batchlab.engine.tasks import Task, stored_task
 from batchlab.engine.train import build_model
 
@@ -176,11 +177,11 @@ def _tridiagonal_eigh(alphas: list[float], betas: list[float]) -> tuple[np.ndarr
 
 def _check_lanczos(iters: int, tol: float) -> None:
     check_integer("iters", iters, 1)
-    check_number("tol", tol, 0.0, math.inf, "()")
+    check_number("tol", tol, low=0.0, low_open=True, error=SpecError)
 
 
 def _check_keskar(epsilon: float, maxiter: int) -> None:
-    check_number("epsilon", epsilon, 0.0, math.inf, "()")
+    check_number("epsilon", epsilon, low=0.0, low_open=True, error=SpecError)
     check_integer("maxiter", maxiter, 1)
 
 

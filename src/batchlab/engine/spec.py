@@ -11,12 +11,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from batchlab.core.rules import OPTIMIZERS
+from batchlab.core.rules import MAX_BATCH_SIZE, OPTIMIZERS, check_number
 from batchlab.core.schedules import LR_SCHEDULES, WARMUPS
 from batchlab.errors import FieldError
 
@@ -38,45 +37,20 @@ FLOAT_FIELDS = (
 MAX_LR = 1e10
 """Largest learning rate any command accepts: far past divergence, well inside float32 (a larger
 one overflows the parameter update, e.g. an LR ramp to 1e308)."""
-FLOAT_RANGES: dict[str, tuple[float, float, str]] = {
-    "lr": (0.0, MAX_LR, "[]"),
-    "momentum": (0.0, 1.0, "[)"),
-    "beta1": (0.0, 1.0, "[)"),
-    "beta2": (0.0, 1.0, "[)"),
-    "eps": (0.0, math.inf, "()"),
-    "weight_decay": (0.0, math.inf, "[)"),
-    "warmup_epochs": (0.0, math.inf, "[)"),
-    "budget": (0.0, math.inf, "()"),
-    "diverge_factor": (1.0, math.inf, "()"),
+FLOAT_RANGES: dict[str, dict[str, Any]] = {
+    "lr": {"low": 0.0, "high": MAX_LR},
+    "momentum": {"low": 0.0, "high": 1.0, "high_open": True},
+    "beta1": {"low": 0.0, "high": 1.0, "high_open": True},
+    "beta2": {"low": 0.0, "high": 1.0, "high_open": True},
+    "eps": {"low": 0.0, "low_open": True},
+    "weight_decay": {"low": 0.0},
+    "warmup_epochs": {"low": 0.0},
+    "budget": {"low": 0.0, "low_open": True},
+    "diverge_factor": {"low": 1.0, "low_open": True},
 }
-"""The interval of each float field (low, high, which ends are closed); every one must be finite."""
-MAX_BATCH_SIZE = 2**40
-"""Largest batch size any command accepts (about 10^12 examples: far above what a machine holds)."""
+"""The interval of each float field (``core.rules.check_number`` arguments); each must be finite."""
 MAX_SEED = 2**32 - 1
 """Seeds are integers in [0, 2**32 - 1] (numpy's range): negative seeds are refused."""
-
-
-def check_number(name: str, value: Any, low: float, high: float, ends: str = "[]") -> None:
-    """Raise ``SpecError`` unless ``value`` is a finite number in the interval: the one float check.
-
-    ``ends`` says which ends are closed, e.g. ``"[)"`` for ``low <= value < high``.
-
-    >>> check_number("momentum", 0.9, 0.0, 1.0, "[)")
-    >>> check_number("weight_decay", float("nan"), 0.0, math.inf, "[)")
-    Traceback (most recent call last):
-    ...
-    batchlab.engine.spec.SpecError: weight_decay: must be a finite number >= 0, got nan
-    """
-    above = value > low if ends[0] == "(" else value >= low
-    below = value < high if ends[1] == ")" else value <= high
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if number and math.isfinite(value) and above and below:
-        return
-    if high == math.inf:
-        allowed = f"{'>' if ends[0] == '(' else '>='} {low:g}"
-    else:
-        allowed = f"in {ends[0]}{low:g}, {high:g}{ends[1]}"
-    raise SpecError(name, f"must be a finite number {allowed}, got {value!r}")
 
 
 def check_integer(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -85,21 +59,13 @@ def check_integer(name: str, value: Any, low: int, high: int | None = None) -> N
     >>> check_integer("seed", -1, 0, 2**32 - 1)
     Traceback (most recent call last):
     ...
-    batchlab.engine.spec.SpecError: seed: must be an integer in [0, 2**32 - 1], got -1
+    batchlab.engine.spec.SpecError: seed: must be an integer in [0, 4294967295], got -1
     """
     number = isinstance(value, int) and not isinstance(value, bool)
     if number and low <= value and (high is None or value <= high):
         return
-    allowed = f">= {low}" if high is None else f"in [{low}, {_power(high)}]"
+    allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
     raise SpecError(name, f"must be an integer {allowed}, got {value!r}")
-
-
-def _power(n: int) -> str:
-    """``2**40`` and ``2**32 - 1`` written as such (other numbers as they are)."""
-    k = n.bit_length()
-    if n == 2 ** (k - 1):
-        return f"2**{k - 1}"
-    return f"2**{k} - 1" if n == 2**k - 1 and k > 16 else str(n)
 
 
 class RunStatus(StrEnum):
@@ -223,7 +189,7 @@ class RunSpec:
         check_integer("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         check_integer("seed", self.seed, 0, MAX_SEED)
         for name, interval in FLOAT_RANGES.items():
-            check_number(name, getattr(self, name), *interval)
+            check_number(name, getattr(self, name), error=SpecError, **interval)
         if self.optimizer not in OPTIMIZERS:
             raise SpecError(
                 "optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -272,9 +272,15 @@ class SweepSpec:
                 d["schedule"], dict(d["schedule_options"]), d["warmup"]
             )
         )
-        first = plan(self)[0]  # each run's own validation, errors named as in the file
+        first = next(_specs(self))  # each run's own validation, errors named as in the file
         frozen = tuple((name, getattr(first, name)) for name, _ in self.fixed)
         object.__setattr__(self, "fixed", frozen)  # as RunSpec holds them: hashable
+
+    @property
+    def n_runs(self) -> int:
+        """How many runs the sweep plans, counted without building them (a huge grid is refused
+        by this count before anything else)."""
+        return sum(len(self.lrs(b)) for b in self.batch_sizes) * len(self.seeds)
 
     def run_defaults(self) -> dict[str, Any]:
         """Every ``RunSpec`` field but batch size, lr and seed: shared by all runs of the sweep."""
@@ -400,13 +406,17 @@ def _target(value: Any) -> Target | None:
 
 def plan(sweep: SweepSpec) -> list[RunSpec]:
     """Every run of the sweep, by batch size, then lr, then seed: a stable order of stable ids."""
+    return list(_specs(sweep))
+
+
+def _specs(sweep: SweepSpec) -> Iterator[RunSpec]:
+    """The runs of ``plan``, built one at a time."""
     base = sweep.run_defaults()
-    return [
-        _renamed(lambda b=b, lr=lr, s=s: RunSpec(**{**base, "batch_size": b, "lr": lr, "seed": s}))
-        for b in sweep.batch_sizes
-        for lr in sweep.lrs(b)
-        for s in sweep.seeds
-    ]
+    for b in sweep.batch_sizes:
+        for lr in sweep.lrs(b):
+            for s in sweep.seeds:
+                point = {"batch_size": b, "lr": lr, "seed": s}
+                yield _renamed(lambda point=point: RunSpec(**{**base, **point}))
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
@@ -427,16 +437,22 @@ def load_sweep(path: str | Path) -> SweepSpec:
     return SweepSpec.from_dict(data, study=path.stem)
 
 
-def check(sweep: SweepSpec, task: Task | None = None) -> Task:
+def check(sweep: SweepSpec, task: Task | None = None, max_steps: int | None = None) -> Task:
     """Validate the sweep against its task (built unless given) and return the task.
 
     Catches, before any training, what needs the data: a batch size above the training set, a
-    steps budget that is not whole.
+    steps budget that is not whole, a run planning more than ``max_steps`` optimizer steps.
     """
     if task is None:
         options = dict(sweep.run_defaults()["task_options"])
         task = _renamed(lambda: get_task(sweep.task, **options))
     n_train = task.n_train
     for spec in plan(sweep):
-        _renamed(lambda s=spec: plan_run(s, n_train))
+        steps = _renamed(lambda s=spec: plan_run(s, n_train)).total_steps
+        if max_steps is not None and steps > max_steps:
+            raise SpecError(
+                "budget",
+                f"run at batch size {spec.batch_size} plans {steps:,} steps, more than the "
+                f"limit of {max_steps:,} (raise it with `batchlab sweep --max-steps`)",
+            )
     return task

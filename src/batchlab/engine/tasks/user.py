@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from batchlab.engine.spec import SpecError
@@ -96,7 +97,7 @@ def _check_signature(name: str, fn: Callable[..., Any], options: dict[str, Any])
 
 
 def _check_task(name: str, task: Any) -> None:
-    """A user's task must be a ``Task`` with tensors of matching lengths and callables."""
+    """A user's task must be a ``Task`` with finite tensors of matching lengths and callables."""
     if not isinstance(task, Task):
         raise SpecError(
             "task", f"{name} must return a batchlab.engine.tasks.Task, got {type(task).__name__}"
@@ -111,6 +112,12 @@ def _check_task(name: str, task: Any) -> None:
                 f"{name}: x_{split} and y_{split} need the same number (>= 1) of examples, "
                 f"got shapes {tuple(x.shape)} and {tuple(y.shape)}",
             )
+        for label, t in ((f"x_{split}", x), (f"y_{split}", y)):
+            bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+            if bad:
+                raise SpecError(
+                    "task", f"{label} has {bad} non-finite values (NaN or inf); clean the data"
+                )
     for attr in ("make_model", "loss_fn", "metric"):
         if not callable(getattr(task, attr)):
             raise SpecError("task", f"{name}: Task.{attr} must be callable")
