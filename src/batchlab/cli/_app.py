@@ -134,8 +134,10 @@ def check_out_folder(path: Path, field: str = "out") -> None:
     parent = path
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        fail(field, f"cannot write in '{parent}' (permission denied or not a folder)")
+    if not parent.is_dir():
+        fail(field, f"cannot create '{path}': '{parent}' is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        fail(field, f"cannot write in '{parent}': permission denied")
 
 
 # Options several commands share, declared once: name and help here, the default in the signature
