@@ -15,6 +15,7 @@ from typing import Any
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from batchlab.cli._app import (
@@ -235,7 +236,7 @@ def _print(out: dict[str, Any]) -> None:
     if out["micro_batch_size"]:
         how += f", micro-batch {out['micro_batch_size']}"
     screen.print(
-        f"[bold]gradient noise scale[/bold] of {out['task']} at B={out['batch_size']}, "
+        f"[bold]gradient noise scale[/bold] of {escape(out['task'])} at B={out['batch_size']}, "
         f"lr={out['lr']:g}, {out['optimizer']}: {out['steps']} steps, {how}"
     )
     table = Table(box=box.SIMPLE_HEAD)

@@ -451,7 +451,8 @@ def _print(out: dict[str, Any]) -> None:
     screen.print(
         f"throughput on {tp['device']} ({tp['task']}): t(b) = {1e3 * tp['overhead_s']:.3g} ms + "
         f"{1e6 * tp['per_example_s']:.3g} us x b, worst fit error {tp['fit_max_residual']:.0%}; "
-        f"largest batch {tp['max_batch']} ({tp['max_batch_source']}); {out['devices']} device(s)"
+        f"largest batch {tp['max_batch']} ({tp['max_batch_source']}); {out['devices']} device(s)",
+        markup=False,  # the task is a user's name
     )
     if not tp["fit_ok"]:
         console.print(
