@@ -346,3 +346,10 @@ def test_a_batch_size_past_the_bound_is_refused_in_every_layer() -> None:
     )
     with pytest.raises(ValueError, match="batch_size"):
         dataclasses.replace(RunSpec(task="digits-mlp", batch_size=32, lr=0.1), batch_size=10**13)
+
+
+def test_help_is_unchanged_by_the_one_line_errors() -> None:
+    bare = runner.invoke(app, [])
+    assert bare.exit_code == 2 and "Usage:" in bare.stdout and bare.stderr == ""
+    helped = runner.invoke(app, ["train", "--help"])
+    assert helped.exit_code == 0 and "--max-steps" in helped.stdout

@@ -85,8 +85,7 @@ class OneLineErrors(TyperGroup):
             return super().main(args, prog_name, complete_var, False, **extra)
         try:
             code = super().main(args, prog_name, complete_var, False, **extra)
-        except NoArgsIsHelpError as exc:
-            exc.show()
+        except NoArgsIsHelpError as exc:  # typer has printed the help already
             sys.exit(exc.exit_code)
         except UsageError as exc:
             typer.echo(f"error: {_usage_field(exc)}: {_usage_message(exc)}", err=True)
