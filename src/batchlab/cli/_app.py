@@ -63,6 +63,13 @@ RunStudyOpt = Annotated[
     str | None, typer.Option("--study", help="Study name the stored run belongs to.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+TrustTaskCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-task-code",
+        help="Import the user task module:function the file names (only for a file you trust).",
+    ),
+]
 
 
 def progress_bar(label: str, *, disable: bool = False, unit: str = "") -> Progress:

@@ -18,9 +18,19 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from batchlab.cli._app import DEFAULT_DB, DbOpt, DeviceOpt, app, console, emit_json, fail_on
+from batchlab.cli._app import (
+    DEFAULT_DB,
+    DbOpt,
+    DeviceOpt,
+    TrustTaskCodeOpt,
+    app,
+    console,
+    emit_json,
+    fail_on,
+)
 from batchlab.cli._interrupt import finished_runs, stop_on_ctrl_c
 from batchlab.engine.spec import SpecError
+from batchlab.engine.tasks import refuse_unnamed_code
 from batchlab.sweep.runner import SweepReport, check_executor, run_sweep
 from batchlab.sweep.spec import SweepSpec, check, load_sweep, plan
 from batchlab.sweep.store import Store, StoreError
@@ -97,12 +107,27 @@ def sweep_command(
         False, "--retry-failed", help="Train runs stored as failed again."
     ),
     device: DeviceOpt = None,
+    task_name: str | None = typer.Option(
+        None,
+        "--task",
+        help="The sweep file's user task module:function, to allow importing it (built-in tasks "
+        "need nothing).",
+    ),
+    trust_task_code: TrustTaskCodeOpt = False,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object."),
 ) -> None:
-    """Train every batch size x lr x seed of a sweep file; finished runs are skipped on a rerun."""
+    """Train every batch size x lr x seed of a sweep file; finished runs are skipped on a rerun.
+
+    A sweep file is data: a user task ``module:function`` it names is imported only when named again
+    with --task (or with --trust-task-code)."""
     try:
         executor = check_executor(executor, workers, address)
         sweep = load_sweep(path)
+        if task_name is not None and task_name != sweep.task:
+            raise SpecError("task", f"the sweep file trains {sweep.task!r}, not {task_name!r}")
+        refuse_unnamed_code(
+            sweep.task, f"sweep file {path}", named=task_name, trust_code=trust_task_code
+        )
         task = check(sweep)
     except SpecError as exc:
         fail_on(exc)
