@@ -267,7 +267,8 @@ def test_a_sweep_with_failed_runs_counts_them_and_exits_1(user_task: str, tmp_pa
         'study = "bad"\n' + task + "batch_sizes = [16, 32]\nlr = [0.1]\nbudget = {steps = 2}\n",
     )
     db = tmp_path / "runs.sqlite"
-    res = runner.invoke(app, ["sweep", str(sweep), "--db", str(db), "--executor", "inline"])
+    args = ["sweep", str(sweep), "--db", str(db), "--executor", "inline", "--task", user_task]
+    res = runner.invoke(app, args)
     line = one_error(res, "run", code=1)
     assert line.startswith("error: run: 2 of 2 runs of study 'bad' failed: ")
     assert "failed 2" in res.stdout

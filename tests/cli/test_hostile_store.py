@@ -145,7 +145,7 @@ def test_sharpness_of_a_run_with_stored_user_code_refuses_it_in_one_line(hostile
                 module_name = name.partition(":")[0]
                 assert out.stderr == (
                     f"error: task: run {run_id} uses user code {name!r} (would import module "
-                    f"{module_name!r}); pass --task {name} to run it\n"
+                    f"{module_name!r}); pass --task {name} (or --trust-task-code) to run it\n"
                 )
     assert_nothing_ran(module, markers)
     assert sha256(db) == before
@@ -180,6 +180,47 @@ def test_the_real_cli_with_the_module_on_its_path_imports_nothing(hostile):
         assert proc.stderr.count("\n") == 1
     assert [m.name for m in markers if m.exists()] == []
     assert sha256(db) == before
+
+
+@pytest.mark.parametrize("task", ["os:system", "{module}:make_task"])
+def test_a_sweep_file_naming_user_code_is_refused_unless_the_user_names_it(hostile, task, tmp_path):
+    """A sweep file is data too: its ``module:function`` is imported only when named by --task."""
+    db, module, *_, markers = hostile
+    name = task.format(module=module)
+    sweep_file = tmp_path / "sent.toml"
+    sweep_file.write_text(
+        f'study = "sent"\ntask = {{name = "{name}", options = {{command = "touch {markers[2]}"}}}}\n'
+        "batch_sizes = [32]\nlr = [0.1]\nseeds = [0]\nbudget = {steps = 2}\n"
+    )
+    before = sha256(db)
+    for extra in ([], ["--task", "digits-mlp"]):
+        out = invoke("sweep", sweep_file, "--db", db, "--executor", "inline", *extra)
+        assert out.exit_code == 2, out.output
+        assert out.stdout == "" and out.stderr.count("\n") == 1
+        if extra:
+            says = f"the sweep file trains {name!r}, not 'digits-mlp'"
+        else:
+            says = (
+                f"sweep file {sweep_file} uses user code {name!r} (would import module "
+                f"{name.partition(':')[0]!r}); pass --task {name} (or --trust-task-code) to run it"
+            )
+        assert out.stderr == f"error: task: {says}\n"
+    assert_nothing_ran(module, markers)
+    assert sha256(db) == before
+
+
+def test_a_sweep_file_user_task_runs_when_named(hostile, tmp_path):
+    db, module, *_, (imported, called, ran) = hostile
+    sweep_file = tmp_path / "mine.toml"
+    sweep_file.write_text(
+        f'study = "mine"\ntask = "{module}:make_task"\nbatch_sizes = [32]\nlr = [0.1]\n'
+        "seeds = [0]\nbudget = {steps = 2}\n"
+    )
+    out = invoke(
+        "sweep", sweep_file, "--db", db, "--executor", "inline", "--task", f"{module}:make_task"
+    )
+    assert out.exit_code == 0, out.output
+    assert imported.exists() and called.exists() and not ran.exists()
 
 
 def test_sweep_resume_over_forged_runs_imports_nothing(hostile, tmp_path):

@@ -488,7 +488,7 @@ def test_stored_task_imports_user_code_only_when_the_user_names_it(user_module):
     assert info.value.field == "task"
     assert str(info.value) == (
         f"task: run abc123 uses user code {name!r} (would import module {user_module!r}); "
-        f"pass --task {name} to run it"
+        f"pass --task {name} (or --trust-task-code) to run it"
     )
     with pytest.raises(SpecError, match=f"run abc123 was trained on task {name!r}, not 'x:y'"):
         stored_task(spec, "abc123", named="x:y", trust_code=True)

@@ -174,6 +174,13 @@ MaxStepsOpt = Annotated[
         "--max-steps", help="Refuse a run that plans more optimizer steps (raise it to allow one)."
     ),
 ]
+TrustTaskCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-task-code",
+        help="Import the user task module:function the file names (only for a file you trust).",
+    ),
+]
 
 
 def progress_bar(label: str, *, disable: bool = False, unit: str = "") -> Progress:

@@ -18,6 +18,7 @@ from batchlab.cli._app import (
     JsonOpt,
     TaskOpt,
     TaskOptionsOpt,
+    TrustTaskCodeOpt,
     app,
     console,
     emit_json,
@@ -221,11 +222,7 @@ def sharpness_command(
         help="The run's user task module:function, to allow importing it (built-in tasks need "
         "nothing; a store names no code to run).",
     ),
-    trust_task_code: bool = typer.Option(
-        False,
-        "--trust-task-code",
-        help="Import whatever user task the stored run names (only for a store you trust).",
-    ),
+    trust_task_code: TrustTaskCodeOpt = False,
     iters: int = typer.Option(100, help="Most Hessian-vector products for the top eigenvalue."),
     epsilon: float = typer.Option(1e-3, help="Keskar box size: |z_i| <= epsilon (|x_i| + 1)."),
     keskar: bool = typer.Option(

@@ -26,6 +26,7 @@ from batchlab.cli._app import (
     DbOpt,
     DeviceOpt,
     MaxStepsOpt,
+    TrustTaskCodeOpt,
     app,
     console,
     emit_json,
@@ -35,6 +36,7 @@ from batchlab.cli._app import (
 )
 from batchlab.cli._interrupt import finished_runs, stop_on_ctrl_c
 from batchlab.engine.spec import SpecError
+from batchlab.engine.tasks import refuse_unnamed_code
 from batchlab.sweep.runner import SweepReport, check_executor, run_sweep
 from batchlab.sweep.spec import SweepSpec, check, load_sweep, plan
 from batchlab.sweep.store import Store, StoreError
@@ -117,12 +119,27 @@ def sweep_command(
         help="Refuse a sweep that plans more runs (raise it to allow).",
     ),
     max_steps: MaxStepsOpt = DEFAULT_MAX_STEPS,
+    task_name: str | None = typer.Option(
+        None,
+        "--task",
+        help="The sweep file's user task module:function, to allow importing it (built-in tasks "
+        "need nothing).",
+    ),
+    trust_task_code: TrustTaskCodeOpt = False,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object."),
 ) -> None:
-    """Train every batch size x lr x seed of a sweep file; finished runs are skipped on a rerun."""
+    """Train every batch size x lr x seed of a sweep file; finished runs are skipped on a rerun.
+
+    A sweep file is data: a user task ``module:function`` it names is imported only when named again
+    with --task (or with --trust-task-code)."""
     try:
         executor = check_executor(executor, workers, address)
         sweep = load_sweep(path)
+        if task_name is not None and task_name != sweep.task:
+            raise SpecError("task", f"the sweep file trains {sweep.task!r}, not {task_name!r}")
+        refuse_unnamed_code(
+            sweep.task, f"sweep file {path}", named=task_name, trust_code=trust_task_code
+        )
         if sweep.n_runs > max_runs:
             fail(
                 "runs",

@@ -41,6 +41,7 @@ from batchlab.engine.tasks.registry import (
     builtin_tasks,
     get_task,
     list_tasks,
+    refuse_unnamed_code,
     stored_task,
     task_info,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "list_tasks",
     "norm_layer",
     "read_idx",
+    "refuse_unnamed_code",
     "seeded_model_factory",
     "stored_task",
     "task_info",

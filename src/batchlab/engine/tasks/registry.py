@@ -106,13 +106,24 @@ def stored_task(
     name = spec.task
     if named is not None and named != name:
         raise SpecError("task", f"run {run_id} was trained on task {name!r}, not {named!r}")
+    refuse_unnamed_code(name, f"run {run_id}", named=named, trust_code=trust_code)
+    return get_task(name, **dict(spec.task_options))
+
+
+def refuse_unnamed_code(
+    name: object, where: str, *, named: str | None = None, trust_code: bool = False
+) -> None:
+    """Refuse a ``module:function`` task that only a file (``where``) names, before importing it.
+
+    A store or a sweep file someone sends is data: its user code runs only when the user names the
+    same task (``named``, from ``--task``) or opts in (``trust_code``, ``--trust-task-code``).
+    """
     if isinstance(name, str) and ":" in name and not trust_code and named != name:
         raise SpecError(
             "task",
-            f"run {run_id} uses user code {name!r} (would import module "
-            f"{name.partition(':')[0]!r}); pass --task {name} to run it",
+            f"{where} uses user code {name!r} (would import module "
+            f"{name.partition(':')[0]!r}); pass --task {name} (or --trust-task-code) to run it",
         )
-    return get_task(name, **dict(spec.task_options))
 
 
 def task_info(name: str, **options: Any) -> TaskInfo:
