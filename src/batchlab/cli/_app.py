@@ -1,9 +1,10 @@
 """The shared typer ``app``, the helpers every command module uses and the options they share.
 
 Bad input is one line on stderr naming the field and what is allowed, and exit code 2 (``fail``,
-``fail_on``); a run that failed while training is one line and exit code 1 (``fail_run``). Only the CLI prints; library code logs. The ``app``'s group (``OneLineErrors``) holds
-typer's own parsing errors (``--batch-size abc``, a missing or unknown option) to the same one line,
-and refuses a NaN or infinite value of every float option before the command runs.
+``fail_on``); a run that failed while training is one line and exit code 1 (``fail_run``). Only
+the CLI prints; library code logs. The ``app``'s group (``OneLineErrors``) holds typer's own
+parsing errors (``--batch-size abc``, a missing or unknown option) to the same one line, and
+refuses a NaN or infinite value of every float option before the command runs.
 """
 
 from __future__ import annotations
