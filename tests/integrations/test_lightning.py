@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import importlib
+import json
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,8 +91,11 @@ def fit(
     return module
 
 
-def plain(mode: str, accumulate: int = 1, steps: int = STEPS) -> GradientNoiseScale:
-    """The same training by hand with the plain monitor."""
+def plain(
+    mode: str, accumulate: int = 1, steps: int = STEPS, interleave: bool = False
+) -> GradientNoiseScale:
+    """The same training by hand with the plain monitor; ``interleave``: micro-batch ``r`` is every
+    ``accumulate``-th example from ``r`` (what DDP's sampler gives rank ``r``)."""
     x, y = data()
     model = net()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -99,9 +105,15 @@ def plain(mode: str, accumulate: int = 1, steps: int = STEPS) -> GradientNoiseSc
         if mode == "per_example":
             gns.forward_backward(xb, yb)
         else:
-            for xm, ym in zip(xb.chunk(accumulate), yb.chunk(accumulate), strict=True):
-                (ce(model(xm), ym) / accumulate).backward()
-                gns.after_backward(len(xm))
+            parts = [slice(r, None, accumulate) for r in range(accumulate)]
+            if not interleave:
+                parts = [
+                    slice(r * len(xb) // accumulate, (r + 1) * len(xb) // accumulate)
+                    for r in range(accumulate)
+                ]
+            for part in parts:
+                (ce(model(xb[part]), yb[part]) / accumulate).backward()
+                gns.after_backward(len(xb[part]))
             gns.before_step()
         opt.step()
     return gns
@@ -160,6 +172,44 @@ def test_mixed_precision_agrees_with_float32(precision: str) -> None:
     assert callback.monitor.gns.scaler is scaler
     want = plain("accumulation", 2).estimate()
     assert callback.estimate().value == pytest.approx(want.value, rel=0.05)
+
+
+DDP_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from tests.integrations.test_lightning import BATCH, STEPS, Module, data, pl
+from batchlab.integrations.lightning import GradientNoiseScaleCallback
+
+callback = GradientNoiseScaleCallback()
+trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+    callbacks=[callback], use_distributed_sampler=False, enable_checkpointing=False,
+    enable_progress_bar=False, enable_model_summary=False)
+dataset = TensorDataset(*data())  # rank r: examples r, r + 2, ... in order
+sampler = DistributedSampler(dataset, 2, trainer.global_rank, shuffle=False)
+trainer.fit(Module(), DataLoader(dataset, batch_size=BATCH // 2, sampler=sampler))
+print(json.dumps([trainer.global_rank, callback.monitor.gns.mode, list(callback.estimate())]))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_equals_accumulation_over_the_ranks_halves(tmp_path: Path) -> None:
+    """strategy='ddp' on 2 CPU processes (gloo): mode distributed, each rank's local gradient read
+    by a comm hook; the estimate is accumulation's over the two halves the sampler deals."""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT, encoding="utf-8")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}:{root / 'src'}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), str(root)], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("[")]
+    assert sorted(r[0] for r in rows) == [0, 1] and {r[1] for r in rows} == {"distributed"}
+    want = plain("accumulation", 2, interleave=True).estimate()
+    for _, _, got in rows:
+        assert got == pytest.approx(list(want), rel=1e-5)
 
 
 def test_a_model_per_example_cannot_measure_stops_with_one_warning(

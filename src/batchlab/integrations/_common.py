@@ -155,16 +155,21 @@ class TrainerMonitor:
             )
             self.gns.remove()
 
+    def _sync(self) -> None:
+        """``distributed``: share the measurements not yet shared (every rank calls this)."""
+        if self.gns is not None and self.gns.mode == "distributed":
+            self.gns.sync()
+
     def metrics(self) -> dict[str, float]:
-        """What the callback logs (see :func:`noise_metrics`)."""
+        """What the callback logs (see :func:`noise_metrics`); collective in ``distributed``."""
+        self._sync()
         return noise_metrics(self.gns)
 
     def state_dict(self) -> dict[str, Any] | None:
         """The monitor's state for a checkpoint (``None`` before it starts and loads nothing)."""
         if self.gns is None:
             return self._saved
-        if self.gns.mode == "distributed":
-            self.gns.sync()
+        self._sync()
         return self.gns.state_dict()
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
@@ -177,8 +182,13 @@ class TrainerMonitor:
             self.gns.load_state_dict(state)
             self._check_fallback()
 
+    def finish(self) -> None:
+        """Training ended on every rank: share what is left, then unhook."""
+        self._sync()
+        self.close()
+
     def close(self) -> None:
-        """Unhook the monitor (training ended)."""
+        """Unhook the monitor (training ended or failed)."""
         self.end_forward()
         if self.gns is not None:
             self.gns.remove()

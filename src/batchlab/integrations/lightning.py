@@ -122,7 +122,7 @@ class GradientNoiseScaleCallback(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remove the monitor's hooks (its estimate stays readable)."""
-        self.monitor.close()
+        self.monitor.finish()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
