@@ -16,7 +16,7 @@ from torch import Tensor, nn
 transformers = pytest.importorskip("transformers")
 
 from batchlab.engine.probes import GradientNoiseScale  # noqa: E402
-from batchlab.integrations.hf import GradientNoiseScaleCallback  # noqa: E402
+from batchlab.integrations.hf import GradientNoiseScaleCallback, lr_range_test  # noqa: E402
 
 VOCAB, SEQ, N = 48, 12, 48
 
@@ -168,3 +168,14 @@ def test_import_batchlab_loads_no_integration() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
     logging.getLogger(__name__).debug(done.stderr)
+
+
+def test_lr_range_test_of_a_model_runs_on_trainer_batches_and_restores_it() -> None:
+    model = gpt2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = torch.utils.data.DataLoader(examples(), batch_size=8)  # dicts, as the Trainer's
+    result = lr_range_test(model, loader, start_lr=1e-4, end_lr=1.0, steps=10)
+    assert len(result.losses) == 10  # the loader restarts when it runs out, as the Trainer's
+    assert 1e-4 <= result.suggested_lr <= 1.0
+    assert result.initial_loss == pytest.approx(float(model(**next(iter(loader))).loss), rel=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

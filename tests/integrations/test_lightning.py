@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("lightning.pytorch")
 
+from batchlab.engine.lr_finder import lr_range_test as plain_lr_range_test  # noqa: E402
 from batchlab.engine.probes import GradientNoiseScale  # noqa: E402
-from batchlab.integrations.lightning import GradientNoiseScaleCallback  # noqa: E402
+from batchlab.integrations.lightning import GradientNoiseScaleCallback, lr_range_test  # noqa: E402
 
 BATCH, STEPS, LR = 32, 8, 0.2
 ce = nn.functional.cross_entropy
@@ -262,3 +263,21 @@ def test_a_missing_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delitem(sys.modules, "batchlab.integrations.lightning")
     with pytest.raises(ImportError, match=r"pip install 'batchlab\[lightning\]'"):
         importlib.import_module("batchlab.integrations.lightning")
+
+
+def test_lr_range_test_of_a_module_equals_the_plain_range_test() -> None:
+    """The training step's loss and the configured optimizer, restored after: the curve of
+    ``lr_range_test(model, loss_fn, ...)`` on the same model, optimizer and batches."""
+    x, y = data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH)
+    module = Module()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    got = lr_range_test(module, loader, start_lr=1e-3, end_lr=10.0, steps=12)
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    want = plain_lr_range_test(
+        model, ce, loader, optimizer=opt, start_lr=1e-3, end_lr=10.0, steps=12
+    )
+    assert got.losses.tolist() == pytest.approx(want.losses.tolist(), rel=1e-6)
+    assert got.suggested_lr == want.suggested_lr
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())

@@ -6,13 +6,15 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from types import ModuleType
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from batchlab.engine.lr_finder import LRRangeResult, lr_range_test
 from batchlab.engine.probes import GradientNoiseScale
 from batchlab.errors import FieldError
 
@@ -192,3 +194,27 @@ class TrainerMonitor:
         self.end_forward()
         if self.gns is not None:
             self.gns.remove()
+
+
+class _Passthrough(nn.Module):
+    """``model(x) = x`` over the trainer's model: its parameters, its train/eval mode and its state
+    are what ``lr_range_test`` updates and restores, while the loss function runs the step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def step_range_test(
+    model: nn.Module,
+    step_loss: Callable[[Tensor, Tensor], Tensor],
+    batches: Iterable[tuple[Tensor, Tensor]],
+    optimizer: str | torch.optim.Optimizer,
+    **options: Any,
+) -> LRRangeResult:
+    """:func:`batchlab.engine.lr_finder.lr_range_test` where ``step_loss(x, y)`` is a trainer's
+    training-step loss on the batch ``(x, y)``; model, optimizer and RNG are restored after."""
+    return lr_range_test(_Passthrough(model), step_loss, batches, optimizer=optimizer, **options)

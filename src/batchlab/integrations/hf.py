@@ -16,14 +16,22 @@ and the callbacks after this one), and the estimate is saved in each checkpoint'
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from batchlab.core.noise import DEFAULT_WINDOW, NoiseEstimate
+from batchlab.engine.lr_finder import LRRangeResult
 from batchlab.errors import FieldError
-from batchlab.integrations._common import TrainerMonitor, check_mode, choose_mode, require
+from batchlab.integrations._common import (
+    TrainerMonitor,
+    check_mode,
+    choose_mode,
+    require,
+    step_range_test,
+)
 
 transformers = require("transformers", "hf")
 _accelerate_state = require("accelerate.state", "hf")
@@ -153,3 +161,32 @@ class GradientNoiseScaleCallback(
     def state(self) -> dict[str, Any]:
         """What ``trainer_state.json`` keeps: the arguments and the monitor's state (plain numbers)."""
         return {"args": {**self.args, "saved_state": self.monitor.state_dict()}, "attributes": {}}
+
+
+class _Pairs:
+    """Batches of a Hugging Face ``DataLoader`` (dicts) as ``(input_ids, labels)`` pairs, re-iterable."""
+
+    def __init__(self, batches: Iterable[Mapping[str, Tensor]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for batch in self.batches:
+            yield batch["input_ids"], batch.get("labels", batch["input_ids"])
+
+
+def lr_range_test(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    optimizer: str | torch.optim.Optimizer = "adamw",
+    **options: Any,
+) -> LRRangeResult:
+    """LR range test of a Hugging Face model on batches of ``input_ids`` (and ``labels``; the
+    ``input_ids`` when absent, as for causal LMs), with the loss the model computes; weights,
+    optimizer and RNG are restored after. ``options`` go to
+    :func:`batchlab.engine.lr_finder.lr_range_test` (``start_lr``, ``end_lr``, ``steps``,
+    optimizer options such as ``weight_decay``)."""
+
+    def step_loss(ids: Tensor, labels: Tensor) -> Tensor:
+        return model(input_ids=ids, labels=labels).loss
+
+    return step_range_test(model, step_loss, _Pairs(batches), optimizer, **options)

@@ -13,14 +13,22 @@ the same estimate. Needs ``pip install 'batchlab[lightning]'``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from batchlab.core.noise import DEFAULT_WINDOW, NoiseEstimate
+from batchlab.engine.lr_finder import LRRangeResult
 from batchlab.errors import FieldError
-from batchlab.integrations._common import TrainerMonitor, check_mode, choose_mode, require
+from batchlab.integrations._common import (
+    TrainerMonitor,
+    check_mode,
+    choose_mode,
+    require,
+    step_range_test,
+)
 
 pl = require("lightning.pytorch", "lightning")
 _data = require("lightning.pytorch.utilities.data", "lightning")
@@ -141,3 +149,33 @@ class GradientNoiseScaleCallback(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the saved estimate (applied when training starts)."""
         self.monitor.load_state_dict(state_dict.get("monitor"))
+
+
+def _optimizer(configured: Any) -> torch.optim.Optimizer:
+    """The optimizer of ``configure_optimizers()`` (alone, first of a list, or under ``"optimizer"``)."""
+    if isinstance(configured, Mapping):
+        configured = configured.get("optimizer")
+    elif isinstance(configured, list | tuple) and configured:
+        return _optimizer(configured[0])
+    if not isinstance(configured, torch.optim.Optimizer):
+        raise FieldError(
+            "configure_optimizers", f"must give a torch optimizer, got {type(configured).__name__}"
+        )
+    return configured
+
+
+def lr_range_test(
+    module: pl.LightningModule, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], **options: Any
+) -> LRRangeResult:
+    """LR range test of a ``LightningModule``: its ``training_step`` loss on ``(x, y)`` batches
+    (e.g. the train ``DataLoader``) with the optimizer of its ``configure_optimizers``; weights,
+    optimizer state and RNG are restored after. ``options`` go to
+    :func:`batchlab.engine.lr_finder.lr_range_test` (``start_lr``, ``end_lr``, ``steps``, ...)."""
+
+    def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = module.training_step((x, y), 0)
+        return out["loss"] if isinstance(out, Mapping) else out
+
+    return step_range_test(
+        module, step_loss, batches, _optimizer(module.configure_optimizers()), **options
+    )
