@@ -281,3 +281,28 @@ def test_lr_range_test_of_a_module_equals_the_plain_range_test() -> None:
     assert got.losses.tolist() == pytest.approx(want.losses.tolist(), rel=1e-6)
     assert got.suggested_lr == want.suggested_lr
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+class AdamModule(Module):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_precondition_measures_the_adam_preconditioned_gradient() -> None:
+    """``precondition=True``: the trainer's Adam preconditions, as the plain monitor's does."""
+    callback = GradientNoiseScaleCallback(precondition=True)
+    x, y = data()
+    trainer = pl.Trainer(
+        max_steps=STEPS, callbacks=[callback], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(AdamModule(), DataLoader(TensorDataset(x, y), batch_size=BATCH))
+    model = net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gns = GradientNoiseScale(model, "per_example", loss_fn=ce, precondition=opt)
+    for xb, yb in zip(x.split(BATCH), y.split(BATCH), strict=True):
+        opt.zero_grad()
+        gns.forward_backward(xb, yb)
+        opt.step()
+    assert callback.estimate().count == STEPS - 1  # no second moments before Adam's first step
+    assert callback.estimate() == pytest.approx(gns.estimate(), rel=1e-6)
