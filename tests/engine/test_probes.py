@@ -598,6 +598,7 @@ def test_reset_forgets_and_remove_unhooks(mnist1d: tuple[Tensor, Tensor]) -> Non
     [
         (lambda m: GradientNoiseScale(m, "vmap"), "mode"),
         (lambda m: GradientNoiseScale(m, "split"), "loss_fn"),
+        (lambda m: GradientNoiseScale(m, "per_example").forward_backward(torch.ones(2, 40), torch.ones(2)), "loss_fn"),
         (lambda m: GradientNoiseScale(m, "split", loss_fn=ce, n_micro=1), "n_micro"),
         (lambda m: GradientNoiseScale(m, "split", loss_fn=ce, window=1), "window"),
         (lambda m: GradientNoiseScale(m, "accumulation", population=1), "population"),

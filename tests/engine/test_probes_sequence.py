@@ -165,6 +165,36 @@ def test_per_example_b_simple_equals_the_exact_value(kw: dict) -> None:
     assert est.value == pytest.approx(max(want[1], 0) / want[0], rel=1e-6)
 
 
+def test_recording_a_forward_the_loop_runs_equals_forward_backward() -> None:
+    """A trainer's own forward and backward, recorded, gives forward_backward's measurements."""
+    x, y = tokens(8, seed=2)
+    estimates = []
+    for own_loop in (False, True):
+        model = tiny_gpt(attention="torch", tied=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        gns = GradientNoiseScale(model, "per_example", loss_fn=lm_loss)
+        for step in range(3):
+            xb, yb = x.roll(step, 0), y.roll(step, 0)
+            opt.zero_grad()
+            if own_loop:
+                with gns.recording(len(xb)):
+                    loss = lm_loss(model(xb), yb)
+                loss.backward()
+                gns.after_backward(len(xb))
+                gns.before_step()
+            else:
+                gns.forward_backward(xb, yb)
+            opt.step()
+        assert gns.fallback is None
+        estimates.append(gns.estimate())
+    assert estimates[1] == pytest.approx(estimates[0], rel=1e-12)
+    with pytest.raises(SpecError, match="batch_size: must be the recorded batch"):
+        with gns.recording(8):
+            loss = lm_loss(model(x), y)
+        loss.backward()
+        gns.after_backward(4)
+
+
 def test_adam_preconditioned_per_example_matches_vmap_grad() -> None:
     model = tiny_gpt(attention="torch", tied=True)
     x, y = tokens(6)

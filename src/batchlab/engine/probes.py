@@ -771,6 +771,7 @@ class _StepState:
     local_batch: int = 0
     scales: Scales = None
     scales_read: bool = False
+    recorded: int | None = None  # per_example under recording(): the batch of the recorded forward
 
 
 def _is_estimator(value: object) -> bool:
@@ -823,7 +824,8 @@ class GradientNoiseScale:
     Args:
         model: the model (for ``distributed`` with DDP, the DDP-wrapped model).
         mode: ``"accumulation"``, ``"distributed"``, ``"split"`` or ``"per_example"``.
-        loss_fn: ``loss_fn(model(x), y)`` -> mean loss; needed by ``split`` and ``per_example``.
+        loss_fn: ``loss_fn(model(x), y)`` -> mean loss; needed by ``split`` and
+            :meth:`forward_backward` (not by ``per_example`` under :meth:`recording`).
         n_micro: micro-batches per batch in ``split`` (and the ``per_example`` fallback).
         window: measured steps an estimate averages (``None``: all, for weights that do not move).
         population: the number of examples batches are drawn from without replacement (an epoch's
@@ -915,8 +917,8 @@ class GradientNoiseScale:
             raise SpecError("precondition", "the optimizer must hold every trainable parameter")
 
     def _check_forward_backward(self, net: nn.Module, ddp: bool) -> None:
-        if self.loss_fn is None:
-            raise SpecError("loss_fn", f"mode {self.mode!r} needs loss_fn(model(x), y)")
+        if self.loss_fn is None and self.mode == "split":
+            raise SpecError("loss_fn", "mode 'split' needs loss_fn(model(x), y)")
         if ddp:
             raise SpecError("mode", f"{self.mode} cannot run under DDP; use mode='distributed'")
         norms = [
@@ -1044,6 +1046,8 @@ class GradientNoiseScale:
             raise SpecError(
                 "mode", f"forward_backward is for split and per_example, not {self.mode}"
             )
+        if self.loss_fn is None:
+            raise SpecError("loss_fn", "forward_backward needs loss_fn(model(x), y)")
         batch = x.shape[0]
         if y.shape[0] != batch:
             raise SpecError("y", f"must have the batch size of x ({batch}), got {y.shape[0]}")
@@ -1090,39 +1094,76 @@ class GradientNoiseScale:
         return loss
 
     def _per_example_pass(self, x: Tensor, y: Tensor) -> Tensor:
-        hooks, batch, scales = self._hooks, x.shape[0], self._state.scales
-        hooks.clear()
-        hooks.batch = batch
+        batch = x.shape[0]
         with self._own_grads():
-            with hooks:
+            with self._recorded(batch):
                 out = self.model(x)
             loss = self.loss_fn(out, y)
             self._backward(loss)
-            grads = {p: p.grad for p in self.params if p.grad is not None}
-            shares = hooks.sq_norms(grads, scales)
-            hooks.clear()
-            if isinstance(shares, str):
-                self._skip("per_example fell back to split")
-                self._fall_back(shares)
-            else:  # example i's own gradient is batch * its share of the mean-batch gradient
-                big = _sq_norm(self._grads(), self.params, scales)
-                values = torch.stack([shares.mean() * batch**2, big]) * self._unscale()[0]
-                self._record(_Pending((values,), lambda v: (v[0], v[1], 1.0, float(batch))))
+            self._read_per_example(batch)
         return loss
+
+    @contextmanager
+    def _recorded(self, batch: int) -> Iterator[None]:
+        """The forward inside is recorded for ``per_example``."""
+        hooks = self._hooks
+        hooks.clear()
+        hooks.batch = batch
+        with hooks:
+            yield
+
+    def _read_per_example(self, batch: int) -> None:
+        """One measurement from the recorded forward's shares and ``p.grad`` (this batch's alone)."""
+        hooks, scales = self._hooks, self._state.scales
+        grads = {p: p.grad for p in self.params if p.grad is not None}
+        shares = hooks.sq_norms(grads, scales)
+        hooks.clear()
+        if isinstance(shares, str):
+            self._skip("per_example fell back to split")
+            self._fall_back(shares)
+        else:  # example i's own gradient is batch * its share of the mean-batch gradient
+            big = _sq_norm(self._grads(), self.params, scales)
+            values = torch.stack([shares.mean() * batch**2, big]) * self._unscale()[0]
+            self._record(_Pending((values,), lambda v: (v[0], v[1], 1.0, float(batch))))
+
+    @contextmanager
+    def recording(self, batch_size: int) -> Iterator[None]:
+        """``per_example`` where the loop runs forward and backward itself (a trainer): run the
+        forward and the mean loss inside, then ``backward()``, :meth:`after_backward` and
+        :meth:`before_step`. After backward ``p.grad`` must hold this batch's gradient alone."""
+        if self.mode != "per_example":
+            raise SpecError("mode", f"recording is for per_example, not {self.mode}")
+        if self._due() and batch_size < 2:
+            self._skip("a batch of 1 has no gradient noise to measure")
+        if self._due() and batch_size >= 2 and self._scales()[0]:
+            with self._recorded(batch_size):
+                yield
+            self._state.recorded = batch_size
+        else:
+            yield
 
     def after_backward(self, batch_size: int) -> None:
         """Call after each (micro-)batch's ``backward()`` with its number of examples.
 
         ``accumulation``: closes this micro-batch's gradient. ``distributed``: the rank's local
-        batch; in a loop without DDP, call it before all-reducing the gradients.
+        batch; in a loop without DDP, call it before all-reducing the gradients. ``per_example``
+        (after :meth:`recording`): reads the per-example norms, before any ``scaler.unscale_``.
         """
-        if self.mode not in ("accumulation", "distributed"):
-            raise SpecError(
-                "mode", f"after_backward is for accumulation and distributed, not {self.mode}"
-            )
+        if self.mode == "split":
+            raise SpecError("mode", "after_backward is not for split: use forward_backward")
         if batch_size < 1:
             raise SpecError("batch_size", f"must be >= 1, got {batch_size}")
         state = self._state
+        if self.mode == "per_example":
+            if state.recorded is not None:
+                if state.recorded != batch_size:
+                    raise SpecError(
+                        "batch_size",
+                        f"must be the recorded batch ({state.recorded}), got {batch_size}",
+                    )
+                state.recorded = None
+                self._read_per_example(batch_size)
+            return
         if self.mode == "accumulation":
             self._end_micro_batch(batch_size)
             return
@@ -1177,12 +1218,13 @@ class GradientNoiseScale:
 
     def before_step(self) -> None:
         """Call once per optimizer step, before ``optimizer.step()`` (``accumulation``,
-        ``distributed``): reads the gradient the optimizer will apply. Collective in ``distributed``."""
-        if self.mode not in ("accumulation", "distributed"):
-            raise SpecError(
-                "mode", f"before_step is for accumulation and distributed, not {self.mode}"
-            )
-        if self._due() and self._scales()[0]:
+        ``distributed``, ``per_example`` after :meth:`recording`): reads the gradient the optimizer
+        will apply. Collective in ``distributed``."""
+        if self.mode == "split":
+            raise SpecError("mode", "before_step is not for split: use forward_backward")
+        if self.mode == "per_example":
+            self._state.recorded = None
+        elif self._due() and self._scales()[0]:
             if self.mode == "distributed":
                 self._record_distributed(self._state)
             else:
