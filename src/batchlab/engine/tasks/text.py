@@ -108,7 +108,7 @@ def windows(stream: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
 
 
 @functools.lru_cache(maxsize=2)
-def _streams(directory: Path) -> tuple[Tensor, Tensor]:
+def token_streams(directory: Path) -> tuple[Tensor, Tensor]:
     """Training and validation token streams: their fortunes, each followed by ``SEPARATOR``."""
     log.info("reading fortunes from %s", directory)
     fortunes = read_fortunes(directory)
@@ -129,7 +129,7 @@ def _subset(x: Tensor, y: Tensor, n: int, generator: torch.Generator) -> tuple[T
 @functools.lru_cache(maxsize=4)
 def _fortunes_data(directory: Path, seq_len: int, n_train: int, n_val: int, seed: int) -> Data:
     """Training and validation windows: a seeded subset of each side's windows when asked."""
-    train, val = _streams(directory)
+    train, val = token_streams(directory)
     generator = torch.Generator().manual_seed(seed)
     x_train, y_train = _subset(*windows(train, seq_len), n_train, generator)
     x_val, y_val = _subset(*windows(val, seq_len), n_val, generator)
