@@ -68,7 +68,7 @@ _BUILTINS: dict[str, _Builtin] = {
         _build_teacher,
     ),
     "fortunes-gpt": _Builtin(
-        "fortunes text, character-level causal transformer",
+        "fortunes text, character-level GPT",
         _FORTUNES_OPTIONS,
         _build_fortunes,
         loss_fn=token_cross_entropy,
