@@ -100,6 +100,7 @@ def report(result: RunResult) -> dict[str, Any]:
         "status": result.status,
         "task": spec.task,
         "batch_size": spec.batch_size,
+        "tokens_per_example": result.extra.get("tokens_per_example", 1),
         "lr": spec.lr,
         "optimizer": spec.optimizer,
         "mode": result.extra.get("noise_mode"),
@@ -236,8 +237,9 @@ def _print(out: dict[str, Any]) -> None:
     if out["micro_batch_size"]:
         how += f", micro-batch {out['micro_batch_size']}"
     screen.print(
-        f"[bold]gradient noise scale[/bold] of {escape(out['task'])} at B={out['batch_size']}, "
-        f"lr={out['lr']:g}, {out['optimizer']}: {out['steps']} steps, {how}"
+        f"[bold]gradient noise scale[/bold] of {escape(out['task'])} at B={out['batch_size']}"
+        f"{_in_tokens(out, out['batch_size'])}, lr={out['lr']:g}, {out['optimizer']}: "
+        f"{out['steps']} steps, {how}"
     )
     table = Table(box=box.SIMPLE_HEAD)
     for column in ("", "step", "B_noise", "95% interval"):
@@ -252,13 +254,20 @@ def _print(out: dict[str, Any]) -> None:
     if crit is not None:
         screen.print(
             f"[bold]critical batch[/bold] B_crit ~ B_noise at the end = {crit['value']:.4g} "
-            f"({_num(crit['low'])} .. {_num(crit['high'])}), {SOURCES['critical']}: below it, "
+            f"({_num(crit['low'])} .. {_num(crit['high'])}){_in_tokens(out, crit['value'])}, "
+            f"{SOURCES['critical']}: below it, "
             "doubling the batch nearly halves the steps; at B_crit a run takes 2x the fewest "
             f"steps and 2x the fewest examples. This run (B={out['batch_size']}) takes "
             f"{crit['steps_over_min']:.3g}x the fewest steps, {crit['samples_over_min']:.3g}x "
             "the fewest examples.\n"
         )
         _print_scaling(out, screen)
+
+
+def _in_tokens(out: dict[str, Any], examples: float) -> str:
+    """`` sequences = N tokens`` for a sequence task (``tokens_per_example`` > 1), else empty."""
+    tokens = out["tokens_per_example"]
+    return f" sequences = {examples * tokens:.4g} tokens" if tokens > 1 else ""
 
 
 def _notes(out: dict[str, Any]) -> list[str]:

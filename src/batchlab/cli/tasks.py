@@ -36,7 +36,7 @@ def _defaults_table(infos: list[TaskInfo]) -> Table:
     """One row per task: its own options with defaults (the norm options every task shares aside)."""
     table = Table(
         title="default options",
-        caption=f"all tasks also take norm={'|'.join(NORMS)} and ghost_batch_size=32",
+        caption=f"the classifiers also take norm={'|'.join(NORMS)} and ghost_batch_size=32",
     )
     table.add_column("task", no_wrap=True)
     table.add_column("options")

@@ -51,7 +51,8 @@ AUTO_EVALS = 50
 """With ``eval_every = 0`` the loop evaluates about this many times per run (plus step 0 and the end)."""
 
 EVAL_ROWS = 1 << 16
-"""Rows of (members x examples) evaluated at once: bounds the memory of evaluation."""
+"""Rows of (members x examples x tokens per example) evaluated at once: bounds the memory of
+evaluation."""
 
 ENSEMBLE_ROWS = 1 << 14
 """Members x batch rows per vectorized step. Beyond this the stacked activations leave the CPU cache
@@ -182,10 +183,12 @@ def lr_schedule(spec: RunSpec, p: Plan) -> Callable[[float], float]:
 def _chunked_eval(
     forward: Callable[[Tensor], Tensor], task: Task, x: Tensor, y: Tensor, rows: int
 ) -> tuple[Tensor, Tensor]:
-    """Mean loss and metric over ``(x, y)`` per member, evaluated in chunks of ``rows`` examples.
+    """Mean loss and metric over ``(x, y)`` per member, evaluated in chunks of ``rows`` rows
+    (examples times ``task.tokens_per_example``).
 
     ``forward(xc)`` returns logits of shape (K, n, ...).
     """
+    rows = max(1, rows // task.tokens_per_example)
     loss_sum = metric_sum = None
     for start in range(0, x.shape[0], rows):
         xc, yc = x[start : start + rows], y[start : start + rows]
@@ -410,6 +413,11 @@ def noise_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _tokens(task: Task) -> dict[str, int]:
+    """``{"tokens_per_example": T}`` for a sequence task (batch sizes times T are tokens), else {}."""
+    return {"tokens_per_example": task.tokens_per_example} if task.tokens_per_example > 1 else {}
+
+
 def _nan_final() -> dict[str, float]:
     return {k: math.nan for k in ("train_loss", "train_metric", "val_loss", "val_metric")}
 
@@ -525,6 +533,7 @@ def _results(
                     "threads": torch.get_num_threads(),
                     "metric": task.metric_name,
                     "n_train": p.n_train,
+                    **_tokens(task),
                     **noise_summary(m.history),
                     **stepper.extra(),
                 },
@@ -685,6 +694,8 @@ def can_vectorize(task: Task, spec: RunSpec | None = None) -> tuple[bool, str]:
         return False, "gradient accumulation runs solo"
     if spec is not None and spec.noise_scale:
         return False, "noise-scale measurement runs solo"
+    if task.train_solo:
+        return False, task.train_solo
     dev = task.x_train.device
     model = task.make_model(0).to(dev)
     if any(True for _ in model.buffers()):

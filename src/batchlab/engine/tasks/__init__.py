@@ -9,6 +9,10 @@ Built-in tasks, all offline (``get_task(name, **options)``; ``list_tasks()`` des
 - ``digits-mlp``: scikit-learn's bundled 8x8 digits, small and fast, for tests.
 - ``teacher-mlp``: synthetic teacher-student classification with a label-noise knob, so the
   gradient noise scale can be controlled.
+- ``fortunes-gpt``: character-level language modelling on the text of Debian's ``fortunes`` (read
+  from ``/usr/share/games/fortunes``, or ``data_dir`` / ``$BATCHLAB_FORTUNES_DIR``) with a small
+  causal transformer; an example is a sequence of ``seq_len`` characters, the loss the mean token
+  cross-entropy (bits per character = loss / ln 2), the metric next-character accuracy.
 - ``module:function``: a user's callable that takes the task options as keyword arguments and
   returns a ``Task``; the module is imported with the current directory on ``sys.path``.
 
@@ -21,7 +25,7 @@ inputs, no data-dependent control flow), so ``torch.func.functional_call`` + ``v
 ensemble of them at once.
 
 Layout: ``base`` (the ``Task`` record, options, ``_Builtin``), ``models`` (shared model builders),
-one module per data family (``mnist1d``, ``fashion``, ``digits``, ``teacher``), ``user``
+one module per data family (``mnist1d``, ``fashion``, ``digits``, ``teacher``, ``text``), ``user``
 (``module:function``) and ``registry`` (the built-in table, ``get_task``); the public names are
 re-exported here.
 """
@@ -45,23 +49,36 @@ from batchlab.engine.tasks.registry import (
     stored_task,
     task_info,
 )
+from batchlab.engine.tasks.text import (
+    DEFAULT_FORTUNES_DIR,
+    FORTUNES_DIR_ENV,
+    CharTransformer,
+    bits_per_char,
+    fortunes_dir,
+    token_cross_entropy,
+)
 
 __all__ = [
     "COMMON_OPTIONS",
     "DEFAULT_FASHION_DIR",
+    "DEFAULT_FORTUNES_DIR",
     "FASHION_DIR_ENV",
     "FASHION_FILES",
+    "FORTUNES_DIR_ENV",
     "MLP",
     "NORMS",
+    "CharTransformer",
     "FashionCNN",
     "Mnist1dCNN",
     "Mnist1dMLP",
     "Task",
     "TaskInfo",
     "accuracy",
+    "bits_per_char",
     "builtin_tasks",
     "cross_entropy",
     "fashion_dir",
+    "fortunes_dir",
     "get_task",
     "list_tasks",
     "norm_layer",
@@ -70,4 +87,5 @@ __all__ = [
     "seeded_model_factory",
     "stored_task",
     "task_info",
+    "token_cross_entropy",
 ]

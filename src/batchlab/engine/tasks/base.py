@@ -21,7 +21,12 @@ from batchlab.engine.spec import SpecError
 @dataclass(eq=False)
 class Task:
     """What a run trains: ``make_model(seed)`` plus data, ``loss_fn`` (mean over the batch) and
-    ``metric`` (mean over the batch, higher is better, e.g. accuracy)."""
+    ``metric`` (mean over the batch, higher is better, e.g. accuracy).
+
+    ``tokens_per_example`` is the sequence length of a language-model task (1 otherwise): batch
+    sizes and noise scales count examples (sequences), times it they are tokens. ``train_solo``
+    says why runs of the task never train as a ``vmap`` ensemble (None: they may).
+    """
 
     name: str
     make_model: Callable[[int], nn.Module]
@@ -34,6 +39,8 @@ class Task:
     metric_name: str = "accuracy"
     options: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    tokens_per_example: int = 1
+    train_solo: str | None = None
 
     @property
     def n_train(self) -> int:
@@ -218,12 +225,19 @@ class _Builtin:
     """A built-in task: description, options with defaults, and ``build(options) -> (model, data)``.
 
     ``build`` receives the checked options with defaults filled in and may record resolved values
-    in them (e.g. the data directory actually read); they become ``Task.options``.
+    in them (e.g. the data directory actually read); they become ``Task.options``. Classifiers
+    keep the default loss and metric; ``tokens_option`` names the option that gives
+    ``Task.tokens_per_example`` (a sequence task's length); ``train_solo`` is ``Task.train_solo``.
     """
 
     description: str
     options: dict[str, _Option]
     build: Builder
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = cross_entropy
+    metric: Callable[[Tensor, Tensor], Tensor] = accuracy
+    metric_name: str = "accuracy"
+    tokens_option: str | None = None
+    train_solo: str | None = None
 
     def make(self, name: str, given: dict[str, Any]) -> Task:
         unknown = sorted(set(given) - set(self.options))
@@ -243,8 +257,11 @@ class _Builtin:
             y_train=y_train,
             x_val=x_val,
             y_val=y_val,
-            loss_fn=cross_entropy,
-            metric=accuracy,
+            loss_fn=self.loss_fn,
+            metric=self.metric,
+            metric_name=self.metric_name,
             options=resolved,
             description=self.description,
+            tokens_per_example=resolved[self.tokens_option] if self.tokens_option else 1,
+            train_solo=self.train_solo,
         )

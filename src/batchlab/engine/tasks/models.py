@@ -47,7 +47,7 @@ _NORM_OPTIONS = {
 }
 
 
-COMMON_OPTIONS = tuple(_NORM_OPTIONS)  # options every built-in task takes
+COMMON_OPTIONS = tuple(_NORM_OPTIONS)  # options every built-in classifier takes
 
 
 def _norm_kwargs(o: dict[str, Any]) -> dict[str, Any]:

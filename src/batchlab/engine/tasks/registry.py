@@ -13,6 +13,12 @@ from batchlab.engine.tasks.fashion import _FASHION_OPTIONS, FashionCNN, _fashion
 from batchlab.engine.tasks.mnist1d import Mnist1dCNN, Mnist1dMLP, _mnist1d
 from batchlab.engine.tasks.models import _NORM_OPTIONS, MLP
 from batchlab.engine.tasks.teacher import _build_teacher
+from batchlab.engine.tasks.text import (
+    _FORTUNES_OPTIONS,
+    SOLO_REASON,
+    _build_fortunes,
+    token_cross_entropy,
+)
 from batchlab.engine.tasks.user import _load_user_task
 
 _BUILTINS: dict[str, _Builtin] = {
@@ -60,6 +66,15 @@ _BUILTINS: dict[str, _Builtin] = {
             **_NORM_OPTIONS,
         },
         _build_teacher,
+    ),
+    "fortunes-gpt": _Builtin(
+        "fortunes text, character-level GPT",
+        _FORTUNES_OPTIONS,
+        _build_fortunes,
+        loss_fn=token_cross_entropy,
+        metric_name="next-char accuracy",
+        tokens_option="seq_len",
+        train_solo=SOLO_REASON,
     ),
 }
 

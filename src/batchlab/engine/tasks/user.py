@@ -121,3 +121,8 @@ def _check_task(name: str, task: Any) -> None:
     for attr in ("make_model", "loss_fn", "metric"):
         if not callable(getattr(task, attr)):
             raise SpecError("task", f"{name}: Task.{attr} must be callable")
+    tokens = task.tokens_per_example
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise SpecError(
+            "task", f"{name}: Task.tokens_per_example must be an integer >= 1, got {tokens!r}"
+        )
