@@ -27,7 +27,9 @@ def run(settings: AdaptiveSettings, readings: list[float | None]) -> list[int]:
 
 
 def settings(**kw) -> AdaptiveSettings:
-    return AdaptiveSettings(**{"base_batch": 64, "base_lr": 0.1, "rule": "linear", **kw})
+    """Linear rule from (64, 0.1), jumps of up to 2^10 per change unless ``kw`` says otherwise."""
+    fields = {"base_batch": 64, "base_lr": 0.1, "rule": "linear", "max_doublings": 10}
+    return AdaptiveSettings(**{**fields, **kw})
 
 
 def test_grows_exactly_at_the_factor_after_patience_readings() -> None:
@@ -37,6 +39,12 @@ def test_grows_exactly_at_the_factor_after_patience_readings() -> None:
     assert run(s, [128.0, 128.0]) == [64, 128]
     # at 128 the threshold is 256
     assert run(s, [128.0, 128.0, 255.0, 255.0, 256.0, 256.0]) == [64, 128, 128, 128, 128, 256]
+
+
+def test_one_doubling_per_change_by_default() -> None:
+    s = AdaptiveSettings(base_batch=64, base_lr=0.1, patience=1)
+    assert run(s, [5000.0, 5000.0, 5000.0]) == [128, 256, 512]
+    assert run(settings(patience=1, max_doublings=2), [5000.0, 5000.0]) == [256, 1024]
 
 
 def test_one_noisy_reading_does_not_flip_it() -> None:

@@ -9,12 +9,14 @@ batch size and the learning-rate factor that goes with it:
   for growth restarts the count). McCandlish et al. 2018 ("An Empirical Model of Large-Batch
   Training", arXiv:1812.06162): steps fall almost linearly with B up to B_noise and barely beyond,
   so a batch well below the noise scale wastes steps.
-- **To what.** The largest B x 2^k (k >= 1) not above the smallest B_simple of the streak, within
+- **To what.** The largest B x 2^k (1 <= k <= ``max_doublings``, default 1: one doubling per
+  change, each earned by its own streak) not above the smallest B_simple of the streak, within
   the bounds: ``max_batch``, the training-set size ``n_train`` and, without accumulation, the
   largest batch that fits in memory ``memory_batch``. Powers of two keep every batch a multiple
   of the first one, so micro-batches keep dividing it.
 - **Shrinking** only with ``shrink=True``: ``patience`` readings with B_simple <= B / ``factor``,
-  to the largest B / 2^k not above the largest B_simple of the streak, down to ``min_batch``
+  to the largest B / 2^k (k <= ``max_doublings``) not above the largest B_simple of the streak,
+  down to ``min_batch``
   (default the first batch).
 - **The lr.** ``lr_scale`` multiplies the base lr (the one for ``base_batch``): ``constant`` keeps
   it (Smith et al. 2018, "Don't Decay the Learning Rate, Increase the Batch Size",
@@ -27,7 +29,7 @@ AdaptDL/Pollux (Qiao et al. 2021, "Pollux: Co-adaptive Cluster Scheduling for Go
 Deep Learning", OSDI) adapts the batch per job from the same statistic inside its scheduler; this
 controller is the statistical half alone, for any loop (``batchlab.engine.adaptive`` drives it).
 
->>> s = AdaptiveSettings(base_batch=64, base_lr=0.1, rule="linear", patience=2)
+>>> s = AdaptiveSettings(base_batch=64, base_lr=0.1, rule="linear", max_doublings=3)
 >>> st = initial_state(s)
 >>> d = decide(s, st, 300.0)          # 300 >= 2 x 64, but one reading is not enough
 >>> d.changed, d.state.batch_size
@@ -61,8 +63,6 @@ ADAPTIVE_SOURCES = {
     "linear": SOURCES["linear"],
     "critical": SOURCES["critical"],
     "seesaw": SOURCES["seesaw"],
-    "controller": "McCandlish et al. 2018, arXiv:1812.06162; Qiao et al. 2021 (Pollux/AdaptDL), "
-    "OSDI",
 }
 
 
@@ -71,7 +71,8 @@ class AdaptiveSettings:
     """How the controller decides; every field is checked on construction (``FieldError``).
 
     ``factor``: grow when B_simple >= factor x B (and shrink, if allowed, when B_simple <= B /
-    factor). ``patience``: consecutive readings that must agree. ``use_low``: compare the lower end
+    factor). ``patience``: consecutive readings that must agree. ``max_doublings``: the most
+    doublings (or halvings) one change makes. ``use_low``: compare the lower end
     of the reading's interval instead of its value (grows only when the data are sure).
     ``memory_batch``: the largest batch one forward/backward holds; with ``accumulate`` larger
     batches are split into micro-batches, without it ``memory_batch`` bounds the batch.
@@ -83,6 +84,7 @@ class AdaptiveSettings:
     rule: str = "auto"
     factor: float = 2.0
     patience: int = 2
+    max_doublings: int = 1
     max_batch: int | None = None
     n_train: int | None = None
     memory_batch: int | None = None
@@ -104,6 +106,7 @@ class AdaptiveSettings:
             )
         check_number("factor", self.factor, low=1.0, low_open=True)
         check_number("patience", self.patience, low=1, integer=True)
+        check_number("max_doublings", self.max_doublings, low=1, integer=True)
         for name in ("max_batch", "n_train", "memory_batch", "min_batch"):
             if getattr(self, name) is not None:
                 check_number(name, getattr(self, name), low=1, integer=True)
@@ -205,13 +208,15 @@ def lr_scale(settings: AdaptiveSettings, batch_size: int, noise_scale: float) ->
 
 def _target(settings: AdaptiveSettings, batch: int, noise: float) -> int:
     """The batch one streak at ``noise`` asks for: B x 2^k, the largest not beyond ``noise``
-    (at least one doubling or halving), inside the bounds; ``batch`` itself if none fits."""
+    (at least one doubling or halving, at most ``max_doublings``), inside the bounds; ``batch``
+    itself if none fits."""
+    most = settings.max_doublings
     if noise >= batch:
-        k = max(1, math.floor(math.log2(noise / batch)))
+        k = min(most, max(1, math.floor(math.log2(noise / batch))))
         while k and batch * 2**k > settings.limit:
             k -= 1
         return batch * 2**k
-    k = max(1, math.ceil(math.log2(batch / noise)))
+    k = min(most, max(1, math.ceil(math.log2(batch / noise))))
     while k and (batch % 2**k or batch // 2**k < settings.floor):
         k -= 1
     return batch // 2**k
@@ -230,7 +235,7 @@ def decide(
     evidence either way: it restarts the streak.
 
     >>> s = AdaptiveSettings(base_batch=32, base_lr=0.1, rule="constant", patience=1,
-    ...                      max_batch=100)
+    ...                      max_batch=100, max_doublings=5)
     >>> d = decide(s, initial_state(s), 1000.0)   # asks for 512, the bound allows 64
     >>> d.state.batch_size, d.reason
     (64, 'B_simple 1000 >= 2 x 32 in 1 reading(s): batch 32 -> 64, lr x 1')

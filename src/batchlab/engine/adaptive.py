@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from batchlab.core.adaptive import (
+    ADAPTIVE_SOURCES,
     AdaptiveSettings,
     AdaptiveState,
     decide,
@@ -158,6 +159,7 @@ class AdaptiveBatch:
         """What a run stores: the rule in force, the settings, every change, the final batch."""
         return {
             "rule": self.settings.resolved_rule,
+            "source": ADAPTIVE_SOURCES[self.settings.resolved_rule],
             "settings": self.settings.to_dict(),
             "every": self.every,
             "changes": list(self.changes),

@@ -119,7 +119,7 @@ class RunSpec:
     Adaptive batch: with ``adaptive_batch`` the run starts at ``batch_size`` and grows it as the
     measured noise scale grows (``batchlab.core.adaptive``; it needs ``noise_scale``), with
     ``adaptive_options`` holding the controller's settings (``rule``, ``factor``, ``patience``,
-    ``max_batch``, ``shrink``, ``min_batch``, ``use_low``) and ``every`` (steps between readings).
+    ``max_doublings``, ``max_batch``, ``shrink``, ``min_batch``, ``use_low``) and ``every`` (steps between readings).
     Both fields are left out of ``to_dict`` at their defaults, so runs stored before they existed
     keep their ids.
     """
@@ -274,7 +274,16 @@ class RunSpec:
         every = options.pop("every", DEFAULT_WINDOW)
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise SpecError("adaptive_options.every", f"must be an integer >= 1, got {every!r}")
-        allowed = ("rule", "factor", "patience", "max_batch", "shrink", "min_batch", "use_low")
+        allowed = (
+            "rule",
+            "factor",
+            "patience",
+            "max_doublings",
+            "max_batch",
+            "shrink",
+            "min_batch",
+            "use_low",
+        )
         unknown = sorted(set(options) - set(allowed))
         if unknown:
             raise SpecError(
