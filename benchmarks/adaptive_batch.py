@@ -190,6 +190,7 @@ def main() -> None:
             for a in out["arms"]
         ],
         left=["arm", "batch"],
+        width=100,
     )
     finals = [path[-1][1] if path else args.small for path in adaptive["changes"]]
     print(f"adaptive final batch per seed: {finals} (rule {out['rule']})")
