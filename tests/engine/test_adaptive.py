@@ -159,6 +159,10 @@ def test_spec_fields() -> None:
         ({"adaptive_options": {"every": 0}}, "adaptive_options.every"),
         ({"batch_schedule": ((1, 16),)}, "batch_schedule"),
         ({"adaptive_batch": False}, "adaptive_options"),
+        (
+            {"micro_batch_size": 4, "adaptive_options": {"shrink": True, "min_batch": 4}},
+            "adaptive_options.min_batch",
+        ),
     ]:
         with pytest.raises(SpecError) as err:
             adaptive_spec(**kw)

@@ -265,7 +265,14 @@ class RunSpec:
             raise SpecError("adaptive_batch", "needs noise_scale: the controller reads it")
         if self.batch_schedule:
             raise SpecError("batch_schedule", "cannot be combined with adaptive_batch")
-        self.adaptive_settings(n_train=None)
+        settings, _ = self.adaptive_settings(n_train=None)
+        micro = self.micro_batch_size
+        if settings.shrink and micro is not None and settings.floor <= micro:
+            raise SpecError(
+                "adaptive_options.min_batch",
+                f"must be above micro_batch_size {micro} (accumulation needs 2 micro-batches), "
+                f"got {settings.floor}",
+            )
 
     def adaptive_settings(self, n_train: int | None) -> tuple[AdaptiveSettings, int]:
         """The controller's settings for this spec (bounded by ``n_train`` examples) and the
