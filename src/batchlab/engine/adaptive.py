@@ -119,7 +119,9 @@ class AdaptiveBatch:
                 p.grad = old
         return loss / count
 
-    def update(self, step: int, samples: int | None = None, lr: float | None = None) -> dict | None:
+    def update(
+        self, step: int, samples: int | None = None, lr: float | None = None
+    ) -> dict[str, Any] | None:
         """Call after optimizer step ``step``: every ``every`` steps, read the noise scale and
         decide. Returns the change (also appended to ``changes``) or None.
 
