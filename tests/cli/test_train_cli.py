@@ -70,6 +70,11 @@ def test_diverging_run_is_a_result_not_a_crash():
         (["--task-option", "novalue"], "task_option"),
         (["--threads", "0"], "threads"),
         (["-o", "norm=ghost", "-o", "ghost_batch_size=48"], "ghost_batch_size"),
+        (["--max-batch-size", "512"], "adaptive_batch"),
+        (["--adaptive-batch", "--adaptive-rule", "cubic"], "adaptive_options.rule"),
+        (["--adaptive-batch", "--adaptive-option", "patience=0"], "adaptive_options.patience"),
+        (["--adaptive-batch", "--adaptive-option", "grow=2"], "adaptive_options.grow"),
+        (["--adaptive-batch", "--max-batch-size", "32"], "adaptive_options.max_batch"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, field):
@@ -77,6 +82,28 @@ def test_bad_input_is_one_line_and_exit_2(args, field):
     assert res.exit_code == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {field}: ")
+
+
+def test_adaptive_batch_grows_and_the_store_keeps_each_change(tmp_path):
+    db = tmp_path / "runs.sqlite"
+    args = ["--batch-size", "8", "--steps", "150", "--adaptive-batch", "--adaptive-rule", "linear"]
+    res = run(*args, "--max-batch-size", "32", "--db", str(db), "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    changes = out["extra"]["adaptive_batch"]["changes"]
+    assert [c["batch_size"] for c in changes] == [16, 32]  # one doubling each, up to the bound
+    assert [c["lr"] for c in changes] == pytest.approx([0.2, 0.4])
+    assert out["spec"]["adaptive_options"] == {"rule": "linear", "max_batch": 32}
+    with Store(db) as store:
+        record = store.get(out["id"])
+        stored = record.extra["adaptive_batch"]["changes"]
+        assert [(c["step"], c["batch_size"], c["lr"]) for c in stored] == [
+            (c["step"], c["batch_size"], c["lr"]) for c in changes
+        ]
+        sizes = [row["batch_size"] for row in store.history(out["id"])]
+        assert sizes[0] == 8 and sizes[-1] == 32
+    table = run(*args)
+    assert table.exit_code == 0 and "adaptive batch (linear)" in table.stdout
 
 
 def test_unreadable_db_is_exit_2_and_left_alone(tmp_path):

@@ -164,3 +164,25 @@ def test_python_construction_is_validated_with_the_file_keys():
         with pytest.raises(SpecError) as err:
             SweepSpec(**(base | change))
         assert err.value.field == key, change
+
+
+def test_adaptive_batch_in_a_sweep_file(tmp_path):
+    text = MINIMAL + 'adaptive_batch = {rule = "constant", max_batch = 1024}\n'
+    sweep = load_sweep(write(tmp_path, text))
+    runs = plan(sweep)
+    assert all(r.adaptive_batch and r.noise_scale for r in runs)
+    assert dict(runs[0].adaptive_options) == {"rule": "constant", "max_batch": 1024}
+    saved = SweepSpec.from_dict(sweep.to_dict())
+    assert [r.run_id for r in plan(saved)] == [r.run_id for r in runs]
+    plain = load_sweep(write(tmp_path, MINIMAL + "adaptive_batch = true\n", "on.toml"))
+    assert plain.to_dict()["adaptive_batch"] is True
+    for line, key in [
+        ("adaptive_batch = {factor = 1}", "adaptive_batch.factor"),
+        ("adaptive_batch = {grow = 2}", "adaptive_batch.grow"),
+        ("adaptive_batch = 3", "adaptive_batch"),
+        ("adaptive_batch = {max_batch = 256}", "adaptive_batch.max_batch"),  # below 512
+        ("adaptive_batch = true\nnoise_scale = false", "adaptive_batch"),
+    ]:
+        with pytest.raises(SpecError) as err:
+            load_sweep(write(tmp_path, MINIMAL + line + "\n", "bad.toml"))
+        assert err.value.field == key, line

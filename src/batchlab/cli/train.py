@@ -120,6 +120,12 @@ def result_table(result: RunResult) -> Table:
         rows.append(
             (f"sharpness: {key}", f"{value:.4g}" if isinstance(value, float) else str(value))
         )
+    adaptive = result.extra.get("adaptive_batch")
+    if adaptive:
+        path = [str(result.spec.batch_size)]
+        path += [f"{c['batch_size']} (step {c['step']})" for c in adaptive["changes"]]
+        rows.append((f"adaptive batch ({adaptive['rule']})", " -> ".join(path)))
+        rows.append(("final lr", f"{result.spec.lr * adaptive['final_lr_scale']:.4g}"))
     for key, label in (("start", "noise scale (start)"), ("end", "noise scale (end)")):
         est = result.extra.get("noise_scale", {}).get(key)
         if est:
@@ -127,6 +133,25 @@ def result_table(result: RunResult) -> Table:
     for name, value in rows:
         table.add_row(name, escape(value))
     return table
+
+
+def adaptive_options(
+    on: bool, rule: str, max_batch: int | None, pairs: Sequence[str]
+) -> dict[str, Any]:
+    """The ``RunSpec.adaptive_options`` of the command line; any of them without
+    ``--adaptive-batch`` is exit 2."""
+    out = parse_options(pairs, "adaptive_option")
+    if not on:
+        if out or rule != "auto" or max_batch is not None:
+            fail(
+                "adaptive_batch",
+                "--adaptive-rule, --max-batch-size and --adaptive-option need --adaptive-batch",
+            )
+        return {}
+    out["rule"] = rule
+    if max_batch is not None:
+        out["max_batch"] = max_batch
+    return out
 
 
 @app.command()
@@ -168,6 +193,27 @@ def train(
     noise_scale: bool = typer.Option(
         False, "--noise-scale", help="Measure the gradient noise scale during training."
     ),
+    adaptive_batch: bool = typer.Option(
+        False,
+        "--adaptive-batch",
+        help="Grow the batch from --batch-size as the measured noise scale grows (implies "
+        "--noise-scale); each change is logged in the result.",
+    ),
+    adaptive_rule: str = typer.Option(
+        "auto",
+        "--adaptive-rule",
+        help="LR rule as the batch grows: auto (critical for SGD, seesaw for Adam), constant, "
+        "linear, critical, seesaw.",
+    ),
+    max_batch_size: int | None = typer.Option(
+        None, "--max-batch-size", help="Adaptive batch: the largest batch (default: the data set)."
+    ),
+    adaptive_option: list[str] = typer.Option(
+        [],
+        "--adaptive-option",
+        help="Adaptive batch setting KEY=VALUE (repeatable): factor, patience, every, "
+        "max_doublings, shrink, min_batch, use_low.",
+    ),
     sharpness: bool = typer.Option(
         False, "--sharpness", help="Measure sharpness (top Hessian eigenvalue, Keskar) at the end."
     ),
@@ -198,6 +244,7 @@ def train(
     configure_threads(threads)
     unit, amount = budget_of(epochs, steps, samples)
     options = parse_options(task_option)
+    adaptive = adaptive_options(adaptive_batch, adaptive_rule, max_batch_size, adaptive_option)
     try:
         spec = RunSpec(
             task=task,
@@ -219,7 +266,9 @@ def train(
             eval_every=eval_every,
             seed=seed,
             micro_batch_size=micro_batch_size,
-            noise_scale=noise_scale,
+            noise_scale=noise_scale or adaptive_batch,
+            adaptive_batch=adaptive_batch,
+            adaptive_options=adaptive,
         )
         built = get_task(task, **options)
         p = plan(spec, built.n_train)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from batchlab.core.adaptive import AdaptiveSettings
+from batchlab.core.noise import DEFAULT_WINDOW
 from batchlab.core.rules import MAX_BATCH_SIZE, OPTIMIZERS, check_number
 from batchlab.core.schedules import LR_SCHEDULES, WARMUPS
 from batchlab.errors import FieldError
@@ -144,6 +146,13 @@ class RunSpec:
     Noise scale: with ``noise_scale`` the run measures it in ``noise_mode`` (default: ``accumulation``
     with a ``micro_batch_size``, else ``per_example``, which falls back to ``split`` for layers it
     cannot handle); ``noise_splits`` is the number of slices per batch of ``split``.
+
+    Adaptive batch: with ``adaptive_batch`` the run starts at ``batch_size`` and grows it as the
+    measured noise scale grows (``batchlab.core.adaptive``; it needs ``noise_scale``), with
+    ``adaptive_options`` holding the controller's settings (``rule``, ``factor``, ``patience``,
+    ``max_doublings``, ``max_batch``, ``shrink``, ``min_batch``, ``use_low``) and ``every`` (steps between readings).
+    Both fields are left out of ``to_dict`` at their defaults, so runs stored before they existed
+    keep their ids.
     """
 
     task: str
@@ -171,9 +180,12 @@ class RunSpec:
     noise_scale: bool = False
     noise_mode: str | None = None
     noise_splits: int = 4
+    adaptive_batch: bool = False
+    adaptive_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task_options", _freeze(dict(self.task_options)))
+        object.__setattr__(self, "adaptive_options", _freeze(dict(self.adaptive_options)))
         object.__setattr__(self, "schedule_options", _freeze(dict(self.schedule_options)))
         object.__setattr__(
             self, "batch_schedule", tuple((float(e), int(b)) for e, b in self.batch_schedule)
@@ -218,6 +230,7 @@ class RunSpec:
                 f"must divide batch_size {self.batch_size}, got {self.micro_batch_size!r}",
             )
         self._validate_noise()
+        self._validate_adaptive()
         for epoch, size in self.batch_schedule:
             if epoch < 0 or size < 1:
                 raise SpecError(
@@ -259,12 +272,68 @@ class RunSpec:
                 f"must be in [2, batch size {self.batch_size}], got {self.noise_splits}",
             )
 
+    def _validate_adaptive(self) -> None:
+        if not self.adaptive_batch:
+            if self.adaptive_options:
+                raise SpecError("adaptive_options", "apply with adaptive_batch only")
+            return
+        if not self.noise_scale:
+            raise SpecError("adaptive_batch", "needs noise_scale: the controller reads it")
+        if self.batch_schedule:
+            raise SpecError("batch_schedule", "cannot be combined with adaptive_batch")
+        settings, _ = self.adaptive_settings(n_train=None)
+        micro = self.micro_batch_size
+        if settings.shrink and micro is not None and settings.floor <= micro:
+            raise SpecError(
+                "adaptive_options.min_batch",
+                f"must be above micro_batch_size {micro} (accumulation needs 2 micro-batches), "
+                f"got {settings.floor}",
+            )
+
+    def adaptive_settings(self, n_train: int | None) -> tuple[AdaptiveSettings, int]:
+        """The controller's settings for this spec (bounded by ``n_train`` examples) and the
+        steps between readings; a bad option is a ``SpecError`` naming it."""
+        options = dict(self.adaptive_options)
+        every = options.pop("every", DEFAULT_WINDOW)
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise SpecError("adaptive_options.every", f"must be an integer >= 1, got {every!r}")
+        allowed = (
+            "rule",
+            "factor",
+            "patience",
+            "max_doublings",
+            "max_batch",
+            "shrink",
+            "min_batch",
+            "use_low",
+        )
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise SpecError(
+                f"adaptive_options.{unknown[0]}",
+                f"unknown option; allowed: every, {', '.join(allowed)}",
+            )
+        try:
+            settings = AdaptiveSettings(
+                base_batch=self.batch_size,
+                base_lr=self.lr,
+                optimizer=self.optimizer,
+                n_train=n_train,
+                **options,
+            )
+        except FieldError as exc:
+            raise SpecError(f"adaptive_options.{exc.field}", exc.message) from None
+        return settings, every
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of every field (the resolved config saved with each run)."""
+        """JSON-ready dict of every field (the resolved config saved with each run); the adaptive
+        fields only when the run adapts its batch."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("task_options", "schedule_options"):
+            if f.name in ("adaptive_batch", "adaptive_options") and not self.adaptive_batch:
+                continue
+            if f.name in ("task_options", "schedule_options", "adaptive_options"):
                 value = {k: _thaw(v) for k, v in value}
             else:
                 value = _thaw(value)

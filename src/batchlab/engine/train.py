@@ -14,7 +14,10 @@ and the history. Only the engine counts steps; schedules are pure functions it c
   member's numbers equal the solo run's up to float rounding; members sharing a seed share the batch.
 
 Budget: ``epochs`` and ``samples`` stop at the first step at which ``samples >= budget`` (every batch is
-full, see ``BatchStream``); ``steps`` stops after that many optimizer updates. The LR schedule is
+full, see ``BatchStream``); ``steps`` stops after that many optimizer updates. A solo run with
+``adaptive_batch`` grows its batch from the noise monitor (``engine.adaptive``): the loop draws the
+batch the controller asks for, multiplies the scheduled lr by its ``lr_scale`` and stores each change
+in ``extra["adaptive_batch"]``; its planned steps are then an upper bound. The LR schedule is
 evaluated at ``samples_seen / spec.batch_size``, the step counted at the first batch size, so a decay
 placed at a fraction of the budget happens at the same epoch when ``batch_schedule`` grows the batch.
 """
@@ -82,15 +85,18 @@ class Plan:
     n_train: int
     total_steps: int
     total_samples: int
+    max_samples: float
     eval_every: int
     schedule_steps: float
     warmup_steps: float
 
     def describe(self, spec: RunSpec) -> str:
         """One line for the log: the numbers a user would otherwise compute by hand."""
+        steps = f"at most {self.total_steps}" if spec.adaptive_batch else f"{self.total_steps}"
+        batch = f"adaptive from {spec.batch_size}" if spec.adaptive_batch else spec.batch_size
         return (
-            f"{spec.task}: batch {spec.batch_size}, {self.n_train} training examples, "
-            f"{self.total_steps} steps, {self.total_samples} samples "
+            f"{spec.task}: batch {batch}, {self.n_train} training examples, "
+            f"{steps} steps, {self.total_samples} samples "
             f"({self.total_samples / self.n_train:.3g} epochs), evaluation every {self.eval_every} steps"
         )
 
@@ -134,6 +140,7 @@ def plan(spec: RunSpec, n_train: int) -> Plan:
         n_train=n_train,
         total_steps=int(steps),
         total_samples=int(samples),
+        max_samples=max_samples,
         eval_every=eval_every,
         # the budget's samples, not the last batch's overshoot: milestones stay on their epochs
         schedule_steps=min(samples, max_samples) / spec.batch_size,
@@ -214,7 +221,7 @@ class _Solo:
             raise SpecError("task", f"the model of {spec.task} has no trainable parameters")
         self.opt = optim.from_spec(spec, params)
         self.ratios = optim.lr_ratios(self.opt)
-        self.noise = None
+        self.noise = self.adaptive = None
         if spec.noise_scale:
             from batchlab.core.noise import DEFAULT_WINDOW  # fixed weights at lr 0: average all
             from batchlab.engine.probes import GradientNoiseScale
@@ -228,6 +235,11 @@ class _Solo:
                 window=None if spec.lr == 0 and spec.optimizer == "sgd" else DEFAULT_WINDOW,
                 population=task.n_train,  # batches are slices of an epoch's permutation
             )
+        if spec.adaptive_batch:
+            from batchlab.engine.adaptive import AdaptiveBatch
+
+            settings, every = spec.adaptive_settings(task.n_train)
+            self.adaptive = AdaptiveBatch(self.noise, settings, every=every)
 
     def step(self, idx: list[Tensor], lrs: list[float]) -> Tensor:
         """One update on batch ``idx[0]``; returns the batch loss before the update, shape (1,)."""
@@ -275,11 +287,14 @@ class _Solo:
         it fell back, and the measurements skipped, by reason."""
         if self.noise is None:
             return {}
-        return {
+        out = {
             "noise_mode": self.noise.mode,
             "noise_fallback": self.noise.fallback,
             "noise_skipped": dict(self.noise.skipped),
         }
+        if self.adaptive is not None:
+            out["adaptive_batch"] = self.adaptive.summary()
+        return out
 
     def stop(self, member: int) -> None:
         """Nothing to mask in a solo run: the loop ends it."""
@@ -321,6 +336,7 @@ class _Ensemble:
         self._logits = vmap(member_logits, in_dims=(0, None))
         self.opt = optim.VectorizedOptimizer(specs, self.flat)
         self.members = list(range(self.size))  # which of the K runs each row of the stack is
+        self.adaptive = None  # adaptive-batch runs measure the noise scale, so they train solo
         self._views()
 
     def _views(self) -> None:
@@ -459,14 +475,15 @@ def _evaluate(
     members: list[_Member],
     task: Task,
     p: Plan,
-    at: tuple[int, int, int],
+    at: tuple[int, int, int, float],
     n_since: int,
     clock: Callable[[], float],
 ) -> None:
     """Evaluate on the validation set and append a history row to every member still training;
-    ``at`` is (step, samples, batch size), ``n_since`` the steps since the last evaluation and
-    ``clock()`` the wall time per member so far (read after the evaluation)."""
-    step, samples, batch = at
+    ``at`` is (step, samples, batch size, lr factor of the adaptive batch), ``n_since`` the steps
+    since the last evaluation and ``clock()`` the wall time per member so far (read after the
+    evaluation)."""
+    step, samples, batch, scale = at
     val_loss, val_metric = (t.tolist() for t in stepper.evaluate(task.x_val, task.y_val))
     wall_s = clock()
     noise = stepper.noise_scale() or {H.NOISE_SCALE: None}
@@ -477,7 +494,7 @@ def _evaluate(
                     H.STEP: step,
                     H.SAMPLES: samples,
                     H.EPOCH: samples / p.n_train,
-                    H.LR: m.schedule(samples / m.spec.batch_size),
+                    H.LR: m.schedule(samples / m.spec.batch_size) * scale,
                     H.BATCH_SIZE: batch,
                     H.TRAIN_LOSS: m.loss_sum / n_since if n_since else math.nan,
                     H.VAL_LOSS: val_loss[k],
@@ -559,6 +576,7 @@ def _run(
     for s in specs:
         streams.setdefault(s.seed, BatchStream(p.n_train, s.seed, device))
     base = specs[0]  # the members share batch size, its schedule and the budget
+    adaptive = stepper.adaptive
     tick = max(1, p.total_steps // 200)
     step = samples = n_since = 0
     start = time.perf_counter()
@@ -566,16 +584,23 @@ def _run(
     def wall_per_member() -> float:
         return (time.perf_counter() - start) / len(members)
 
-    _evaluate(stepper, members, task, p, (0, 0, batch_size_in_force(base, 0.0)), 0, wall_per_member)
-    while step < p.total_steps and any(m.alive for m in members):
+    def in_force() -> tuple[int, float]:  # the batch size and the lr factor at this point
+        if adaptive is not None:
+            return adaptive.batch_size, adaptive.lr_scale
+        return batch_size_in_force(base, samples / p.n_train), 1.0
+
+    _evaluate(stepper, members, task, p, (0, 0, *in_force()), 0, wall_per_member)
+    finished = False
+    while not finished and any(m.alive for m in members):
         # where we are in the budget: the batch size and each member's learning rate
-        batch = batch_size_in_force(base, samples / p.n_train)
-        lrs = [m.schedule(samples / base.batch_size) for m in members]
+        batch, scale = in_force()
+        lrs = [m.schedule(samples / base.batch_size) * scale for m in members]
 
         # one optimizer step for every member, each on its own seed's batch
         idx = {seed: stream.next(batch) for seed, stream in streams.items()}
         losses = stepper.step([idx[m.spec.seed] for m in members], lrs).tolist()
         step, samples, n_since = step + 1, samples + batch, n_since + 1
+        finished = step >= p.total_steps or samples >= p.max_samples
 
         # divergence: a non-finite or exploding loss ends that member at this step
         for k, (m, loss) in enumerate(zip(members, losses, strict=True)):
@@ -584,12 +609,17 @@ def _run(
                 log.info("run %s diverged at step %d (loss %s)", m.spec.run_id, step, loss)
 
         # evaluation every eval_every steps and at the end of the budget
-        if step % p.eval_every == 0 or step == p.total_steps:
-            _evaluate(stepper, members, task, p, (step, samples, batch), n_since, wall_per_member)
+        if step % p.eval_every == 0 or finished:
+            at = (step, samples, batch, scale)
+            _evaluate(stepper, members, task, p, at, n_since, wall_per_member)
             n_since = 0
 
-        if progress is not None and (step % tick == 0 or step == p.total_steps):
-            progress(step, p.total_steps)
+        # adaptive batch: the noise scale may grow the batch (and set the lr) for the next step
+        if adaptive is not None:
+            adaptive.update(step, samples, members[0].schedule(samples / base.batch_size))
+
+        if progress is not None and (step % tick == 0 or finished):
+            progress(p.total_steps if finished else step, p.total_steps)
 
     wall = time.perf_counter() - start
     return _results(stepper, members, task, p, (step, samples), wall, keep_weights, device)

@@ -469,3 +469,36 @@ def plan_figure(plan: dict) -> Figure:
     t = plan["throughput"]
     fig.suptitle(f"{t['task']} on {t['device']} x{plan['devices']}: time and cost to target")
     return fig
+
+
+def adaptive_figure(bench: dict) -> Figure:
+    """Validation loss against steps and against samples for the fixed small, fixed large and
+    adaptive arms (``benchmarks/adaptive_batch.py --json``'s dict), the target as a line, and the
+    adaptive run's batch size against steps."""
+    fig = Figure(figsize=(14.0, 4.0), layout="constrained")
+    by_steps, by_samples, batches = fig.subplots(1, 3)
+    target = bench["target"]["value"]
+    colors = {"small": "tab:blue", "large": "tab:orange", "adaptive": "tab:green"}
+    for a in bench["arms"]:
+        label = f"{a['name']} (B={a['batch_size']}{'+' if a['name'] == 'adaptive' else ''})"
+        for i, c in enumerate(a["curves"]):
+            style = {"color": colors[a["name"]], "lw": 1.0, "alpha": 0.8}
+            shown = slice(1, None)  # from the first step: step 0 has no place on a log axis
+            for ax, x in ((by_steps, c["step"]), (by_samples, c["samples"])):
+                ax.plot(x[shown], c["val_loss"][shown], label=None if i else label, **style)
+            if a["name"] == "adaptive":
+                batches.step(c["step"], c["batch_size"], where="post", **style)
+    for ax, xlabel in ((by_steps, "steps"), (by_samples, "samples")):
+        ax.axhline(target, color="0.4", ls=":", label=f"target val_loss {target:g}")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss")
+        ax.legend(fontsize="small")
+    batches.set_yscale("log", base=2)
+    batches.set_xlabel("steps")
+    batches.set_ylabel("adaptive batch size")
+    fig.suptitle(
+        f"{bench['task']}: adaptive batch (rule {bench['rule']}) against fixed batches, "
+        f"{bench['seeds']} seeds"
+    )
+    return fig

@@ -51,6 +51,7 @@ TOP_KEYS = (
     "target",
     "eval_every",
     "noise_scale",
+    "adaptive_batch",
 )
 OPTIMIZER_KEYS = ("name", "momentum", "nesterov", "beta1", "beta2", "eps", "weight_decay")
 SCHEDULE_KEYS = ("name", "warmup_epochs", "warmup")  # plus the schedule's own options
@@ -71,6 +72,7 @@ _FILE_KEY = {
     "warmup": "schedule.warmup",
     "task_options": "task.options",
     "budget_unit": "budget",
+    "adaptive_options": "adaptive_batch",
 }
 _KINDS = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string"}
 _FIELD_KINDS = {f.name: str(f.type) for f in dataclasses.fields(RunSpec)}
@@ -315,6 +317,8 @@ class SweepSpec:
             "eval_every": d["eval_every"],
             "noise_scale": d["noise_scale"],
         }
+        if d["adaptive_batch"]:
+            out["adaptive_batch"] = dict(d["adaptive_options"]) or True
         if self.target is not None:
             out["target"] = {"metric": self.target.metric, "value": self.target.value}
         return out
@@ -342,6 +346,9 @@ class SweepSpec:
         if "budget" in data:
             fixed["budget_unit"], fixed["budget"] = _budget(data["budget"])
         fixed.update((k, data[k]) for k in ("eval_every", "noise_scale") if k in data)
+        fixed.update(_adaptive(data.get("adaptive_batch", False)))
+        if fixed.get("adaptive_batch"):
+            fixed.setdefault("noise_scale", True)
         return cls(
             study=data.get("study", study),
             task=task,
@@ -351,6 +358,19 @@ class SweepSpec:
             fixed=tuple(fixed.items()),
             target=_target(data.get("target")),
         )
+
+
+def _adaptive(value: Any) -> dict[str, Any]:
+    """``adaptive_batch = true`` or ``{rule = ..., factor = ..., ...}``: the RunSpec fields (the
+    noise scale measured unless the file says ``noise_scale = false``, which is then an error)."""
+    if value is False:
+        return {}
+    if not isinstance(value, bool | dict):
+        raise SpecError(
+            "adaptive_batch", f"must be true, false or a table {{rule = ..., ...}}, got {value!r}"
+        )
+    options = {} if value is True else value
+    return {"adaptive_batch": True, "adaptive_options": tuple(options.items())}
 
 
 def _table(key: str, value: Any) -> dict[str, Any]:
