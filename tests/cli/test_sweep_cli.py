@@ -57,6 +57,20 @@ BAD = [
     ("eval_every = -1", "eval_every"),
     ('noise_scale = "yes"', "noise_scale"),
     ("lr = [0.1", "sweep"),
+    ("per_batch = 3", "per_batch"),
+    ("[per_batch.128]\nbudget = {steps = 5}", "per_batch.128"),
+    ("[per_batch.big]\neval_every = 1", "per_batch.big"),
+    ("[per_batch.64]\nbudgets = {steps = 5}", "per_batch.64.budgets"),
+    ("[per_batch.64]\nbudget = {steps = 5.5}", "per_batch.64.budget.steps"),
+    ("[per_batch.64]\nbudget = {samples = -64}", "per_batch.64.budget.samples"),
+    ("[per_batch.64]\nbudget = {}", "per_batch.64.budget"),
+    ("[per_batch.64]\neval_every = -1", "per_batch.64.eval_every"),
+    ("[per_batch.64]\nbudget = {min_evals = 5}\neval_every = 2", "per_batch.64.budget.min_evals"),
+    ("[per_batch.64]\nbudget = {epochs = 1, min_evals = 5}", "per_batch.64.budget.min_evals"),
+    ("budget = {epochs = 2, min_evals = 5}", "budget.min_evals"),
+    ("budget = {steps = 10, min_evals = 0}", "budget.min_evals"),
+    ("budget = {steps = 10, min_evals = 5}\neval_every = 2", "budget.min_evals"),
+    ("budget = {min_evals = 5}", "budget"),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import math
 from pathlib import Path
@@ -10,7 +11,18 @@ from pathlib import Path
 import pytest
 
 from batchlab.engine.spec import RunSpec, SpecError
-from batchlab.sweep.spec import LRGrid, SweepSpec, Target, check, load_sweep, plan
+from batchlab.sweep.spec import (
+    BatchBudget,
+    LRGrid,
+    SweepSpec,
+    Target,
+    check,
+    eval_spacing,
+    load_sweep,
+    plan,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 MINIMAL = """
 study = "demo"
@@ -186,3 +198,76 @@ def test_adaptive_batch_in_a_sweep_file(tmp_path):
         with pytest.raises(SpecError) as err:
             load_sweep(write(tmp_path, MINIMAL + line + "\n", "bad.toml"))
         assert err.value.field == key, line
+
+
+PER_BATCH = """
+task = "digits-mlp"
+batch_sizes = [8, 32, 128, 512]
+lr = [0.1]
+budget = {samples = 8192, min_evals = 10}
+
+[per_batch.8]
+budget = {steps = 300}
+eval_every = 7
+
+[per_batch.128]
+eval_every = 4
+
+[per_batch.512]
+budget = {samples = 32768}
+"""
+
+
+def test_per_batch_budgets_and_spacing_reach_the_runs(tmp_path):
+    sweep = load_sweep(write(tmp_path, PER_BATCH))
+    got = [(r.batch_size, r.budget_unit, r.budget, r.eval_every) for r in plan(sweep)]
+    assert got == [
+        (8, "steps", 300.0, 7),  # its own budget and spacing
+        (32, "samples", 8192.0, 25),  # the sweep's: 8192 / 32 = 256 steps, // 10 evaluations
+        (128, "samples", 8192.0, 4),  # the sweep's budget, its own spacing
+        (512, "samples", 32768.0, 6),  # its own budget (64 steps), the sweep's rule
+    ]
+    saved = SweepSpec.from_dict(sweep.to_dict())
+    assert saved.per_batch == sweep.per_batch and saved.min_evals == sweep.min_evals == 10
+    assert [r.run_id for r in plan(saved)] == [r.run_id for r in plan(sweep)]
+
+
+@pytest.mark.parametrize(
+    ("unit", "budget", "batch_size", "min_evals", "every"),
+    [("steps", 100, 64, 20, 5), ("steps", 99, 64, 20, 4), ("samples", 1000, 64, 20, 1)],
+)
+def test_min_evals_gives_at_least_that_many_evaluations(unit, budget, batch_size, min_evals, every):
+    assert eval_spacing(unit, budget, batch_size, min_evals) == every
+    steps = budget if unit == "steps" else math.ceil(budget / batch_size)
+    assert steps // every >= min(min_evals, steps)
+
+
+# The ids of the runs these files planned before [per_batch] existed: a store resumes by them.
+STORED_IDS = {
+    "examples/sweep_minimal.toml": (24, "438fd337b00a67d6", "1a0609950398e7c6"),
+    "examples/sweep_rule.toml": (20, "395e45f4b8dab414", "2717f280dc7d641c"),
+    "docs/report_sweep.toml": (98, "af696e306c5db7df", "5dfc242f789e9f25"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STORED_IDS))
+def test_files_without_per_batch_keep_their_stored_run_ids(name):
+    ids = [r.run_id for r in plan(load_sweep(ROOT / name))]
+    digest = hashlib.sha256("".join(ids).encode()).hexdigest()[:16]
+    assert (len(ids), ids[0], digest) == STORED_IDS[name]
+
+
+def test_per_batch_in_python_is_validated_with_the_file_keys():
+    base = {"study": "s", "task": "digits-mlp", "batch_sizes": (8, 16), "lr": (0.1,)}
+    cases = [
+        ((BatchBudget(4, "steps", 10),), "per_batch.4"),
+        ((BatchBudget(8, "steps", 10), BatchBudget(8, eval_every=2)), "per_batch.8"),
+        ((BatchBudget(8, "epochs", 1.0, min_evals=3),), "per_batch.8.budget.min_evals"),
+    ]
+    for per_batch, key in cases:
+        with pytest.raises(SpecError) as err:
+            SweepSpec(**base, per_batch=per_batch)
+        assert err.value.field == key, per_batch
+    with pytest.raises(SpecError) as err:
+        BatchBudget(8, "steps")
+    assert err.value.field == "per_batch.8.budget"

@@ -205,9 +205,16 @@ def best_lr(data: StudyData, batch_size: int, key: str) -> float:
 
 def per_seed(data: StudyData, batch_sizes: Sequence[int], lr: float, key: str) -> np.ndarray:
     """``out[seed, i]`` = final ``key`` at ``batch_sizes[i]`` and ``lr`` (NaN where missing)."""
+    return per_seed_at(data, batch_sizes, [lr] * len(batch_sizes), key)
+
+
+def per_seed_at(
+    data: StudyData, batch_sizes: Sequence[int], lrs: Sequence[float], key: str
+) -> np.ndarray:
+    """``out[seed, i]`` = final ``key`` at ``batch_sizes[i]`` and ``lrs[i]`` (NaN where missing)."""
     out = np.full((len(data.seeds), len(batch_sizes)), math.nan)
     for j, seed in enumerate(data.seeds):
-        for i, b in enumerate(batch_sizes):
+        for i, (b, lr) in enumerate(zip(batch_sizes, lrs, strict=True)):
             runs = data.at(b, lr, seed)
             out[j, i] = final(runs[0] if runs else None, key)
     return out
@@ -232,9 +239,11 @@ class Claim:
     studies: dict[int, Callable[[Setup, Results], dict[str, list[RunSpec]]]]
     judge: Callable[[Setup, Results], Judgement]
     rule: str = field(init=False)
+    superseded: str | None = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rule", v.RULES[self.number])
+        object.__setattr__(self, "superseded", v.SUPERSEDED.get(self.number))
 
 
 def _figure(width: float = 6.4, height: float = 3.8) -> tuple[Figure, Any]:
@@ -340,38 +349,88 @@ def claim2_scaled(setup: Setup, results: Results) -> dict[str, list[RunSpec]]:
     return {"claim2": specs}
 
 
+def _curve(data: StudyData, run: RunRecord | None) -> tuple[list[float], list[float]] | None:
+    """(epochs, training loss) of a finished run's history; None for a missing or diverged run."""
+    if run is None or run.status != "ok":
+        return None
+    rows = [h for h in data.history(run) if h["train_loss"] is not None]
+    return [h["epoch"] for h in rows], [h["train_loss"] for h in rows]
+
+
+def claim2_distances(
+    data: StudyData, batches: Sequence[int], lrs: Sequence[float], start: float, end: float
+) -> np.ndarray:
+    """``out[seed, i]``: the curve distance of ``batches[i]`` at ``lrs[i]`` from ``batches[0]``
+    (same seed); inf when that run diverged, NaN when a run is missing or failed."""
+    out = np.full((len(data.seeds), len(batches)), math.nan)
+    for j, seed in enumerate(data.seeds):
+        runs = [next(iter(data.at(b, lr, seed)), None) for b, lr in zip(batches, lrs, strict=True)]
+        base = _curve(data, runs[0])
+        for i, run in enumerate(runs):
+            if run is not None and run.status == "diverged":
+                out[j, i] = math.inf
+            elif base is not None and (curve := _curve(data, run)) is not None:
+                out[j, i] = v.curve_distance(*base, *curve, start=start, end=end)
+    return out
+
+
 def judge_claim2(setup: Setup, results: Results) -> Judgement:
-    """Final training loss of every batch size with the lr scaled from batch 64."""
+    """Training-loss curves of every batch size with the lr scaled from batch 64, against 64's."""
     data = results.data("claim2")
     epochs, batches = setup.sizes.claim2_epochs, setup.sizes.claim2_batch_sizes
+    warmup = epochs / 5
     base = best_lr(data, BASE_BATCH, "train_loss")
-    losses = np.full((len(data.seeds), len(batches)), math.nan)
+    lrs = [
+        apply_rule("linear", base_batch=BASE_BATCH, base_lr=base, batch_size=b).lr for b in batches
+    ]
+    outcome = v.curves_match(claim2_distances(data, batches, lrs, warmup, epochs), batches)
+    old = v.linear_scaling_match(per_seed_at(data, batches, lrs, "train_loss"), batches)
+    outcome.evidence.update(
+        base_lr=base,
+        epochs=epochs,
+        warmup_epochs=warmup,
+        superseded_rule={
+            "verdict": old.verdict,
+            "reason": old.reason,
+            "final_loss_relative_difference": old.evidence["relative_difference"],
+        },
+    )
     fig, ax = _figure()
-    scaled = {
-        b: apply_rule("linear", base_batch=BASE_BATCH, base_lr=base, batch_size=b).lr
-        for b in batches
-    }
-    for i, b in enumerate(batches):
-        lr = scaled[b]
-        losses[:, i] = per_seed(data, [b], lr, "train_loss")[:, 0]
-        curves = [data.history(r)[1:] for r in data.at(b, lr) if r.status == "ok"]
+    for b, lr, dist in zip(batches, lrs, outcome.evidence["curve_distance"], strict=True):
+        curves = [c for r in data.at(b, lr) if (c := _curve(data, r)) is not None]
         if curves:
-            length = min(len(c) for c in curves)
-            epochs_axis = [row["epoch"] for row in curves[0][:length]]
-            mean = np.mean([[row["train_loss"] for row in c[:length]] for c in curves], axis=0)
-            ax.plot(epochs_axis, mean, label=f"B={b}, lr={lr:.3g}")
+            length = min(len(x) for x, _ in curves)
+            mean = np.mean([y[:length] for _, y in curves], axis=0)
+            label = f"B={b}, lr={lr:.3g}" + (f", distance {dist:.3f}" if b != BASE_BATCH else "")
+            ax.plot(curves[0][0][:length], mean, label=label)
+    ax.axvline(warmup, color="0.5", lw=0.8, ls="--")
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss (mean over seeds)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    outcome = v.linear_scaling_match(losses, batches)
-    outcome.evidence.update(base_lr=base, epochs=epochs, warmup_epochs=epochs / 5)
     caption = (
-        f"Training loss against epochs with lr = {base:g} x B/64 (linear rule, warmup over the first "
-        f"{epochs / 5:g} epochs); a batch size 'matches' when its final loss is within 10% of batch 64's."
+        f"Training loss against epochs with lr = {base:g} x B/64 (linear rule, warmup until the "
+        f"dashed line, {warmup:g} epochs). A batch size matches when the area between its curve "
+        f"and batch 64's after the warmup, over the area under batch 64's, is at most 0.10 over its "
+        "whole interval across seeds (mean +- 2 SE)."
     )
-    rows = _per_batch("relative difference", batches, outcome.evidence["relative_difference"])
+    ev = outcome.evidence
+    rows = [
+        (f"batch {b}: curve distance [interval], {m}", f"{d:.3f} [{lo:.3f}, {hi:.3f}]")
+        for b, d, lo, hi, m in zip(
+            batches,
+            ev["curve_distance"],
+            ev["curve_distance_low"],
+            ev["curve_distance_high"],
+            ev["match"],
+            strict=True,
+        )
+    ][1:]
+    rows += _per_batch(
+        "final loss difference (superseded rule)", batches, old.evidence["relative_difference"]
+    )[1:]
+    rows.append(("superseded rule's verdict", old.verdict.replace("_", " ")))
     return _judged(2, "linear-scaling", outcome, fig, caption, rows)
 
 
@@ -410,7 +469,8 @@ def judge_claim3(setup: Setup, results: Results) -> Judgement:
         ("alpha", alpha),
         ("interval low", low),
         ("interval high", high),
-        ("table alpha", TABLE_EXPONENT),
+        ("table alpha (the verdict)", TABLE_EXPONENT),
+        ("rule the interval supports (linear 1.0, sqrt 0.5)", outcome.evidence["supported_rule"]),
     )
     return _judged(3, "best-lr", outcome, fig, caption, rows)
 

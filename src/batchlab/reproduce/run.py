@@ -60,6 +60,7 @@ class ClaimResult:
             "evidence": o.evidence,
             "source": self.claim.source,
             "rule": self.claim.rule,
+            "superseded_rule": self.claim.superseded,
         }
 
 
@@ -223,6 +224,12 @@ def verdict_sections(result: ReproduceResult) -> list[Section]:
             table(["number", "value"], c.judgement.rows, text_columns=1) if c.judgement.rows else ""
         )
         rule = paragraph(f"Pre-registered rule: {c.claim.rule}", "note")
+        if c.claim.superseded:
+            rule += paragraph(
+                f"Superseded rule (kept for the record; the verdict does not use it): "
+                f"{c.claim.superseded}",
+                "muted",
+            )
         sections.append(
             Section(
                 f"Claim {c.claim.number}: {c.claim.title}",

@@ -5,7 +5,10 @@ hyper-parameters fixed (the scientific / nuisance / fixed split of Google's tuni
 grid is a list, or a geometric grid centred on a scaling rule's prediction at each batch size
 (``batchlab.core.rules``), so the grid follows the optimum as the batch grows. The budget is counted
 in ``epochs``, ``steps`` or ``samples``: the three give different verdicts about large batches
-(Shallue et al. 2019, "Measuring the Effects of Data Parallelism on Neural Network Training").
+(Shallue et al. 2019, "Measuring the Effects of Data Parallelism on Neural Network Training"). A
+``[per_batch.B]`` table gives batch size B its own budget and evaluation spacing, and
+``budget.min_evals`` spaces evaluations so every run has at least that many, so one file covers a
+B = 16 ... 4096 fit whose runs differ 256x in steps.
 
 A bad key is one ``SpecError`` naming it as the file spells it (``optimizer.momentum``, ``lr.span``),
 raised before any training. Every default is ``RunSpec``'s, declared there once.
@@ -52,12 +55,15 @@ TOP_KEYS = (
     "eval_every",
     "noise_scale",
     "adaptive_batch",
+    "per_batch",
 )
 OPTIMIZER_KEYS = ("name", "momentum", "nesterov", "beta1", "beta2", "eps", "weight_decay")
 SCHEDULE_KEYS = ("name", "warmup_epochs", "warmup")  # plus the schedule's own options
 LR_GRID_KEYS = ("rule", "base_batch", "base_lr", "span", "points", "noise_scale", "options")
 TASK_KEYS = ("name", "options")
 TARGET_KEYS = ("metric", "value")
+PER_BATCH_KEYS = ("budget", "eval_every")
+MIN_EVALS = "min_evals"  # the spacing rule, a key of a budget table beside its unit
 SWEEP_FIELDS = ("task", "batch_size", "lr", "seed")  # RunSpec fields the sweep itself sets
 
 # Where a RunSpec (or core) error field lives in a sweep file.
@@ -138,6 +144,87 @@ def _check_keys(where: str, table: dict[str, Any], allowed: tuple[str, ...]) -> 
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
         raise SpecError(key, f"unknown key; allowed: {', '.join(allowed)}")
+
+
+def _amount(key: str, unit: str, amount: Any) -> float:
+    """A budget of ``amount`` ``unit``: finite, > 0, and whole for steps and samples."""
+    if unit not in BUDGET_UNITS:
+        raise SpecError(key, f"unit must be one of {', '.join(BUDGET_UNITS)}, got {unit!r}")
+    value = _coerce(f"{key}.{unit}", amount, "float")
+    if not (math.isfinite(value) and value > 0):
+        raise SpecError(f"{key}.{unit}", f"must be a finite number > 0, got {amount!r}")
+    if unit != "epochs" and not value.is_integer():
+        raise SpecError(f"{key}.{unit}", f"must be a whole number, got {amount!r}")
+    return value
+
+
+def _spacing(where: str, eval_every: Any, min_evals: Any) -> tuple[int | None, int | None]:
+    """A table's evaluation spacing: ``eval_every`` steps (>= 0) or ``budget.min_evals`` (>= 1)."""
+    if eval_every is not None:
+        eval_every = _coerce(f"{where}eval_every", eval_every, "int")
+        if eval_every < 0:
+            raise SpecError(f"{where}eval_every", f"must be >= 0 (0 = automatic), got {eval_every}")
+    if min_evals is not None:
+        key = f"{where}budget.{MIN_EVALS}"
+        min_evals = _coerce(key, min_evals, "int")
+        if min_evals < 1:
+            raise SpecError(key, f"must be an integer >= 1, got {min_evals}")
+        if eval_every is not None:
+            raise SpecError(key, f"give eval_every or budget.{MIN_EVALS}, not both")
+    return eval_every, min_evals
+
+
+def eval_spacing(unit: str, budget: float, batch_size: int, min_evals: int) -> int:
+    """Evaluate every this many steps so a ``budget`` of ``unit`` at ``batch_size`` has at least
+    ``min_evals`` evaluations (every step when it has fewer steps than that).
+
+    >>> eval_spacing("samples", 64_000, 64, 20), eval_spacing("samples", 64_000, 4096, 20)
+    (50, 1)
+    """
+    if unit == "epochs":
+        raise ValueError("an epochs budget has no step count before the task is known")
+    steps = int(budget) if unit == "steps" else math.ceil(budget / batch_size)
+    return max(1, steps // min_evals)
+
+
+@dataclass(frozen=True)
+class BatchBudget:
+    """One batch size's own budget and evaluation spacing (``[per_batch.B]``), overriding the sweep's.
+
+    ``budget_unit`` and ``budget`` come together; ``eval_every`` (steps) or ``min_evals`` (at least
+    that many evaluations, from the budget's steps) sets the spacing. Fields left None fall back to
+    the sweep's.
+    """
+
+    batch_size: int
+    budget_unit: str | None = None
+    budget: float | None = None
+    eval_every: int | None = None
+    min_evals: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool)):
+            raise SpecError("per_batch", f"keys must be batch sizes, got {self.batch_size!r}")
+        where = f"per_batch.{self.batch_size}."
+        if (self.budget_unit is None) != (self.budget is None):
+            raise SpecError(f"{where}budget", "needs a unit and an amount, e.g. {steps = 200}")
+        if self.budget_unit is not None:
+            amount = _amount(f"{where}budget", self.budget_unit, self.budget)
+            object.__setattr__(self, "budget", amount)
+        every, min_evals = _spacing(where, self.eval_every, self.min_evals)
+        object.__setattr__(self, "eval_every", every)
+        object.__setattr__(self, "min_evals", min_evals)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``[per_batch.B]`` table as a sweep file writes it."""
+        out: dict[str, Any] = {}
+        if self.budget_unit is not None:
+            out["budget"] = _budget_table(self.budget_unit, self.budget, self.min_evals)
+        elif self.min_evals is not None:
+            out["budget"] = {MIN_EVALS: self.min_evals}
+        if self.eval_every is not None:
+            out["eval_every"] = self.eval_every
+        return out
 
 
 @dataclass(frozen=True)
@@ -234,8 +321,10 @@ class SweepSpec:
     """A study: every batch size x learning rate x seed, with the other ``RunSpec`` fields ``fixed``.
 
     ``fixed`` holds the fields shared by every run (optimizer, schedule, budget, ...); the rest take
-    ``RunSpec``'s defaults. Construction validates everything that needs no data; ``check`` adds what
-    needs the task (batch sizes against the training set).
+    ``RunSpec``'s defaults. ``min_evals`` spaces the evaluations of every run by its budget's steps
+    (instead of ``eval_every``); ``per_batch`` overrides budget and spacing at some batch sizes.
+    Construction validates everything that needs no data; ``check`` adds what needs the task (batch
+    sizes against the training set).
     """
 
     study: str
@@ -245,6 +334,8 @@ class SweepSpec:
     seeds: tuple[int, ...] = (RUN_DEFAULTS["seed"],)
     fixed: tuple[tuple[str, Any], ...] = ()
     target: Target | None = None
+    min_evals: int | None = None
+    per_batch: tuple[BatchBudget, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.study, str) or not self.study.strip():
@@ -269,14 +360,71 @@ class SweepSpec:
             raise SpecError(
                 f"budget.{d['budget_unit']}", f"must be a whole number, got {d['budget']}"
             )
+        _spacing("", dict(self.fixed).get("eval_every"), self.min_evals)
+        self._check_per_batch()
         _renamed(
             lambda: resolve_schedule_options(
                 d["schedule"], dict(d["schedule_options"]), d["warmup"]
             )
         )
-        first = next(_specs(self))  # each run's own validation, errors named as in the file
-        frozen = tuple((name, getattr(first, name)) for name, _ in self.fixed)
+        # Each batch size's first run is validated (errors named as in the file); the rest differ
+        # only in lr and seed, so a huge grid is refused by its count without building every run.
+        first, *_ = [next(_specs(self, b)) for b in self.batch_sizes]
+        shared = first.replace(**{k: d[k] for k in ("budget_unit", "budget", "eval_every")})
+        frozen = tuple((name, getattr(shared, name)) for name, _ in self.fixed)
         object.__setattr__(self, "fixed", frozen)  # as RunSpec holds them: hashable
+
+    def _check_per_batch(self) -> None:
+        seen: set[int] = set()
+        for entry in self.per_batch:
+            if not isinstance(entry, BatchBudget):
+                raise SpecError("per_batch", f"entries must be BatchBudget, got {entry!r}")
+            if entry.batch_size not in self.batch_sizes:
+                raise SpecError(
+                    f"per_batch.{entry.batch_size}",
+                    f"is not one of batch_sizes {list(self.batch_sizes)}",
+                )
+            if entry.batch_size in seen:
+                raise SpecError(f"per_batch.{entry.batch_size}", "is given twice")
+            seen.add(entry.batch_size)
+        object.__setattr__(
+            self, "per_batch", tuple(sorted(self.per_batch, key=lambda e: e.batch_size))
+        )
+        for b in self.batch_sizes:
+            self.budget_of(b)  # a spacing rule that cannot apply is an error now
+
+    def budget_of(self, batch_size: int) -> dict[str, Any]:
+        """The budget and evaluation spacing of the runs at ``batch_size``.
+
+        Its ``[per_batch]`` entry where it gives them, else the sweep's; a ``min_evals`` rule becomes
+        the ``eval_every`` that gives at least that many evaluations over the budget's steps.
+        """
+        d = self.run_defaults()
+        entry = next((e for e in self.per_batch if e.batch_size == batch_size), None)
+        out = {
+            "budget_unit": d["budget_unit"],
+            "budget": d["budget"],
+            "eval_every": d["eval_every"],
+        }
+        min_evals, key = self.min_evals, f"budget.{MIN_EVALS}"
+        if entry is not None and entry.budget_unit is not None:
+            out.update(budget_unit=entry.budget_unit, budget=entry.budget)
+        if entry is not None and (entry.eval_every, entry.min_evals) != (None, None):
+            min_evals, key = entry.min_evals, f"per_batch.{batch_size}.budget.{MIN_EVALS}"
+            if entry.eval_every is not None:
+                out["eval_every"] = entry.eval_every
+        if min_evals is not None:
+            try:
+                out["eval_every"] = eval_spacing(
+                    out["budget_unit"], out["budget"], batch_size, min_evals
+                )
+            except ValueError:
+                raise SpecError(
+                    key,
+                    f"needs a steps or samples budget, got epochs at batch {batch_size} (an "
+                    "epoch's steps depend on the training set); give eval_every instead",
+                ) from None
+        return out
 
     @property
     def n_runs(self) -> int:
@@ -313,14 +461,18 @@ class SweepSpec:
                 **{k: d[k] for k in SCHEDULE_KEYS[1:]},
                 **dict(d["schedule_options"]),
             },
-            "budget": {d["budget_unit"]: d["budget"]},
+            "budget": _budget_table(d["budget_unit"], d["budget"], self.min_evals),
             "eval_every": d["eval_every"],
             "noise_scale": d["noise_scale"],
         }
         if d["adaptive_batch"]:
             out["adaptive_batch"] = dict(d["adaptive_options"]) or True
+        if self.min_evals is not None:
+            del out["eval_every"]  # the rule sets it
         if self.target is not None:
             out["target"] = {"metric": self.target.metric, "value": self.target.value}
+        if self.per_batch:
+            out["per_batch"] = {str(e.batch_size): e.to_dict() for e in self.per_batch}
         return out
 
     @classmethod
@@ -343,8 +495,9 @@ class SweepSpec:
             fixed["schedule"], options = _named("schedule", data["schedule"], None)
             fixed.update((k, options.pop(k)) for k in SCHEDULE_KEYS[1:] if k in options)
             fixed["schedule_options"] = tuple(options.items())
-        if "budget" in data:
-            fixed["budget_unit"], fixed["budget"] = _budget(data["budget"])
+        unit, amount, min_evals = _budget("budget", data.get("budget"), unit_required=True)
+        if unit is not None:
+            fixed["budget_unit"], fixed["budget"] = unit, amount
         fixed.update((k, data[k]) for k in ("eval_every", "noise_scale") if k in data)
         fixed.update(_adaptive(data.get("adaptive_batch", False)))
         if fixed.get("adaptive_batch"):
@@ -357,6 +510,8 @@ class SweepSpec:
             seeds=data.get("seeds", cls.seeds),
             fixed=tuple(fixed.items()),
             target=_target(data.get("target")),
+            min_evals=min_evals,
+            per_batch=_per_batch(data.get("per_batch", {})),
         )
 
 
@@ -391,13 +546,43 @@ def _named(key: str, value: Any, allowed: tuple[str, ...] | None) -> tuple[str, 
     return _coerce(f"{key}.name", table.pop("name"), "str"), table
 
 
-def _budget(value: Any) -> tuple[str, float]:
-    table = _table("budget", value)
-    _check_keys("budget", table, BUDGET_UNITS)
-    if len(table) != 1:
-        raise SpecError("budget", f"give exactly one of {', '.join(BUDGET_UNITS)}, got {table}")
+def _budget(
+    key: str, value: Any, *, unit_required: bool = False
+) -> tuple[str | None, float | None, int | None]:
+    """A budget table (None: not given): its unit, amount and ``min_evals`` (each None if absent).
+
+    Only a table with ``min_evals`` may leave out the unit (the sweep's budget then applies).
+    """
+    if value is None:
+        return None, None, None
+    table = dict(_table(key, value))
+    _check_keys(key, table, (*BUDGET_UNITS, MIN_EVALS))
+    min_evals = table.pop(MIN_EVALS, None)
+    if len(table) > 1 or (not table and (unit_required or min_evals is None)):
+        raise SpecError(key, f"give exactly one of {', '.join(BUDGET_UNITS)}, got {value}")
+    if not table:
+        return None, None, min_evals
     ((unit, amount),) = table.items()
-    return unit, _coerce(f"budget.{unit}", amount, "float")
+    return unit, _coerce(f"{key}.{unit}", amount, "float"), min_evals
+
+
+def _budget_table(unit: str, amount: float, min_evals: int | None) -> dict[str, Any]:
+    """A budget as a sweep file writes it."""
+    return {unit: amount} | ({MIN_EVALS: min_evals} if min_evals is not None else {})
+
+
+def _per_batch(value: Any) -> tuple[BatchBudget, ...]:
+    """The ``[per_batch.B]`` tables: B's own ``budget`` and ``eval_every``."""
+    entries = []
+    for key, table in _table("per_batch", value).items():
+        if not key.isdigit():
+            raise SpecError(f"per_batch.{key}", "must be a batch size (an integer)")
+        where = f"per_batch.{int(key)}"
+        table = _table(where, table)
+        _check_keys(where, table, PER_BATCH_KEYS)
+        unit, amount, min_evals = _budget(f"{where}.budget", table.get("budget"))
+        entries.append(BatchBudget(int(key), unit, amount, table.get("eval_every"), min_evals))
+    return tuple(entries)
 
 
 def _lr_grid(value: Any) -> Any:
@@ -429,14 +614,15 @@ def plan(sweep: SweepSpec) -> list[RunSpec]:
     return list(_specs(sweep))
 
 
-def _specs(sweep: SweepSpec) -> Iterator[RunSpec]:
-    """The runs of ``plan``, built one at a time."""
+def _specs(sweep: SweepSpec, *only: int) -> Iterator[RunSpec]:
+    """The runs of ``plan`` (at the batch sizes ``only``, else all), built one at a time."""
     base = sweep.run_defaults()
-    for b in sweep.batch_sizes:
+    for b in only or sweep.batch_sizes:
+        budget = sweep.budget_of(b)
         for lr in sweep.lrs(b):
             for s in sweep.seeds:
-                point = {"batch_size": b, "lr": lr, "seed": s}
-                yield _renamed(lambda point=point: RunSpec(**{**base, **point}))
+                point = {**base, **budget, "batch_size": b, "lr": lr, "seed": s}
+                yield _renamed(lambda point=point: RunSpec(**point))
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
