@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -21,9 +22,11 @@ from rich.table import Table
 from batchlab.cli._app import DEFAULT_DB, DbOpt, DeviceOpt, app, console, emit_json, fail_on
 from batchlab.cli._interrupt import finished_runs, stop_on_ctrl_c
 from batchlab.engine.spec import SpecError
-from batchlab.sweep.runner import SweepReport, check_executor, run_sweep
-from batchlab.sweep.spec import SweepSpec, check, load_sweep, plan
 from batchlab.sweep.store import Store, StoreError
+
+if TYPE_CHECKING:  # the runner and the sweep checks import torch; load them when a sweep runs
+    from batchlab.sweep.runner import SweepReport
+    from batchlab.sweep.spec import SweepSpec
 
 
 @contextmanager
@@ -50,6 +53,8 @@ def _best(report: SweepReport) -> str:
 
 def _kept(sweep: SweepSpec, db: Path) -> str:
     """What an interrupted sweep leaves: its finished runs in the store."""
+    from batchlab.sweep.spec import plan
+
     planned = {s.run_id for s in plan(sweep)}
     stored = len(finished_runs(db, sweep.study) & planned)
     return (
@@ -100,6 +105,9 @@ def sweep_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object."),
 ) -> None:
     """Train every batch size x lr x seed of a sweep file; finished runs are skipped on a rerun."""
+    from batchlab.sweep.runner import check_executor, run_sweep
+    from batchlab.sweep.spec import check, load_sweep
+
     try:
         executor = check_executor(executor, workers, address)
         sweep = load_sweep(path)
