@@ -47,6 +47,8 @@ def test_help_advise_and_store_readers_run_without_torch(tmp_path: Path) -> None
     commands = [
         ["--help"],
         ["--version"],
+        ["sweep", "--help"],
+        ["train", "--help"],
         ["advise", "--batch-size", "256", "--to-batch-size", "1024", "--lr", "0.1", "--json"],
         ["runs", *read, "--json"],
         ["summary", *read, "--json"],
