@@ -36,3 +36,10 @@ def test_every_core_module_imports_without_torch() -> None:
     code = f"import sys; {'; '.join(f'import {name}' for name in names)}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_former_probes_module_gives_the_monitor_objects() -> None:
+    from batchlab.engine import monitor, probes
+
+    assert probes.GradientNoiseScale is monitor.GradientNoiseScale
+    assert probes.per_example_grad_norms is monitor.per_example_grad_norms
