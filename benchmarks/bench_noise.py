@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from _common import parse_args, print_json, print_table
 from batchlab.engine.data import configure_threads, default_device
-from batchlab.engine.probes import GradientNoiseScale
+from batchlab.engine.monitor import GradientNoiseScale
 from batchlab.engine.spec import SpecError
 from batchlab.engine.tasks import get_task
 

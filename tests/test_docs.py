@@ -85,14 +85,14 @@ def test_docs_have_commands_and_code() -> None:
 def test_documented_command_parses(command: str) -> None:
     group = typer.main.get_command(app)
     name, *sub_args = shlex.split(command)[1:]
-    with group.make_context("batchlab", [name]) as ctx:
-        sub = group.get_command(ctx, name)
-        assert sub is not None, f"no command {name!r}"
-        try:
+    try:  # a usage error fails; --help, --version and other eager options exit with code 0
+        with group.make_context("batchlab", [name]) as ctx:
+            sub = group.get_command(ctx, name)
+            assert sub is not None, f"no command {name!r}"
             sub.make_context(name, sub_args, parent=ctx)
-        except Exception as exc:  # a usage error; --help and eager options exit with code 0
-            if getattr(exc, "exit_code", None) != 0:
-                pytest.fail(f"{command}: {getattr(exc, 'format_message', exc.__str__)()}")
+    except Exception as exc:
+        if getattr(exc, "exit_code", None) != 0:
+            pytest.fail(f"{command}: {getattr(exc, 'format_message', exc.__str__)()}")
 
 
 @pytest.mark.parametrize("code", PYTHON)

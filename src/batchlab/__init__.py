@@ -14,8 +14,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "GradientNoiseScale": "batchlab.engine.probes",
-    "per_example_grad_norms": "batchlab.engine.probes",
+    "GradientNoiseScale": "batchlab.engine.monitor",
+    "per_example_grad_norms": "batchlab.engine.monitor",
     "lr_range_test": "batchlab.engine.lr_finder",
     "lr_find": "batchlab.engine.lr_finder",
     "top_hessian_eigenvalue": "batchlab.engine.sharpness",

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import subprocess
-import sys
 
 import pytest
 from hypothesis import given, settings
@@ -309,9 +307,3 @@ def test_batch_size_at_and_spec_fields():
         90.0,
         "constant",
     )
-
-
-def test_core_does_not_import_torch():
-    code = "import sys, batchlab.core.rules, batchlab.core.schedules; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"

@@ -10,7 +10,7 @@ from torch import nn
 
 from batchlab.core.adaptive import AdaptiveSettings
 from batchlab.engine.adaptive import AdaptiveBatch
-from batchlab.engine.probes import GradientNoiseScale
+from batchlab.engine.monitor import GradientNoiseScale
 from batchlab.engine.spec import HistoryKey as H
 from batchlab.engine.spec import RunSpec, SpecError
 from batchlab.engine.train import train

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from batchlab.core.noise import NoiseEstimate
-from batchlab.engine.probes import GradientNoiseScale
+from batchlab.engine.monitor import GradientNoiseScale
 from batchlab.engine.tasks import Task, get_task
 
 BATCH, STEPS, EVERY = 32, 300, 15

@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, vmap
 from typer.testing import CliRunner
 
 from batchlab.cli import app
-from batchlab.engine.probes import GradientNoiseScale, per_example_grad_norms
+from batchlab.engine.monitor import GradientNoiseScale, per_example_grad_norms
 from batchlab.engine.spec import RunSpec, SpecError
 from batchlab.engine.tasks import FORTUNES_DIR_ENV, get_task, list_tasks, token_cross_entropy
 from batchlab.engine.tasks.text import (

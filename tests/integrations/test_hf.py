@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 transformers = pytest.importorskip("transformers")
 
-from batchlab.engine.probes import GradientNoiseScale  # noqa: E402
+from batchlab.engine.monitor import GradientNoiseScale  # noqa: E402
 from batchlab.integrations.hf import GradientNoiseScaleCallback, lr_range_test  # noqa: E402
 
 VOCAB, SEQ, N = 48, 12, 48

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 pl = pytest.importorskip("lightning.pytorch")
 
 from batchlab.engine.lr_finder import lr_range_test as plain_lr_range_test  # noqa: E402
-from batchlab.engine.probes import GradientNoiseScale  # noqa: E402
+from batchlab.engine.monitor import GradientNoiseScale  # noqa: E402
 from batchlab.integrations.lightning import GradientNoiseScaleCallback, lr_range_test  # noqa: E402
 
 BATCH, STEPS, LR = 32, 8, 0.2

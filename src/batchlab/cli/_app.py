@@ -217,8 +217,31 @@ def main() -> None:
     app(prog_name="batchlab")
 
 
+def _print_version(value: bool) -> None:
+    """``--version``: ``batchlab <version>`` of the installed distribution, then exit 0."""
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        number = version("batchlab")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from batchlab import __version__ as number
+    typer.echo(f"batchlab {number}")
+    raise typer.Exit()
+
+
 @app.callback()
-def _arm_ctrl_c(ctx: typer.Context) -> None:
+def _arm_ctrl_c(
+    ctx: typer.Context,
+    _version: bool = typer.Option(
+        False,
+        "--version",
+        is_eager=True,
+        callback=_print_version,
+        help="Print the version and exit.",
+    ),
+) -> None:
     # every command: Ctrl-C stops it, even where SIGINT was inherited ignored (see _interrupt)
     from batchlab.cli._interrupt import arm
 

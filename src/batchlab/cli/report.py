@@ -6,7 +6,7 @@ Both read the store read-only: a missing or foreign file is one ``error: db: ...
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
@@ -14,8 +14,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from batchlab.analysis import StudyAnalysis, Target, analyze
-from batchlab.analysis.summary import fmt
 from batchlab.cli._app import (
     DEFAULT_DB,
     DbOpt,
@@ -30,6 +28,9 @@ from batchlab.cli.store import open_store
 from batchlab.engine.spec import SpecError
 from batchlab.sweep.store import StoreError
 
+if TYPE_CHECKING:  # the analysis loads when a command runs, keeping `batchlab --help` quick
+    from batchlab.analysis import StudyAnalysis, Target
+
 StudyOpt = Annotated[
     str | None, typer.Option("--study", help="Study to analyse (default: the store's only study).")
 ]
@@ -43,6 +44,8 @@ TargetOpt = Annotated[
 
 def _target(text: str | None) -> Target | None:
     """``METRIC=VALUE`` -> ``Target`` (None when not given)."""
+    from batchlab.analysis import Target
+
     if text is None:
         return None
     metric, sep, value = text.partition("=")
@@ -59,6 +62,8 @@ def _target(text: str | None) -> Target | None:
 
 
 def _analysis(db: Path, study: str | None, target: str | None) -> StudyAnalysis:
+    from batchlab.analysis import analyze
+
     goal = _target(target)
     try:
         with open_store(db) as store:
@@ -112,6 +117,8 @@ def _key_table(a: StudyAnalysis) -> Table:
 
 
 def _batch_table(a: StudyAnalysis) -> Table:
+    from batchlab.analysis.summary import fmt
+
     t = Table(title="per batch size", box=box.SIMPLE_HEAD)
     columns = (
         "B",

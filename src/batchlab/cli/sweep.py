@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -36,10 +37,11 @@ from batchlab.cli._app import (
 )
 from batchlab.cli._interrupt import finished_runs, stop_on_ctrl_c
 from batchlab.engine.spec import SpecError
-from batchlab.engine.tasks import refuse_unnamed_code
-from batchlab.sweep.runner import SweepReport, check_executor, run_sweep
-from batchlab.sweep.spec import SweepSpec, check, load_sweep, plan
 from batchlab.sweep.store import Store, StoreError
+
+if TYPE_CHECKING:  # the runner and the sweep checks import torch; load them when a sweep runs
+    from batchlab.sweep.runner import SweepReport
+    from batchlab.sweep.spec import SweepSpec
 
 
 @contextmanager
@@ -66,6 +68,8 @@ def _best(report: SweepReport) -> str:
 
 def _kept(sweep: SweepSpec, db: Path) -> str:
     """What an interrupted sweep leaves: its finished runs in the store."""
+    from batchlab.sweep.spec import plan
+
     planned = {s.run_id for s in plan(sweep)}
     stored = len(finished_runs(db, sweep.study) & planned)
     return (
@@ -132,6 +136,10 @@ def sweep_command(
 
     A sweep file is data: a user task ``module:function`` it names is imported only when named again
     with --task (or with --trust-task-code)."""
+    from batchlab.engine.tasks import refuse_unnamed_code
+    from batchlab.sweep.runner import check_executor, run_sweep
+    from batchlab.sweep.spec import check, load_sweep
+
     try:
         executor = check_executor(executor, workers, address)
         sweep = load_sweep(path)

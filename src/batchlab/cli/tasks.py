@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from batchlab.cli._app import JsonOpt, app, emit_json, fail_on
 from batchlab.engine.spec import SpecError
-from batchlab.engine.tasks import COMMON_OPTIONS, NORMS, TaskInfo, list_tasks, task_info
+
+if TYPE_CHECKING:  # the tasks import torch; load them when the command runs
+    from batchlab.engine.tasks import TaskInfo
 
 
 def _sizes_table(infos: list[TaskInfo]) -> Table:
@@ -34,6 +38,8 @@ def _sizes_table(infos: list[TaskInfo]) -> Table:
 
 def _defaults_table(infos: list[TaskInfo]) -> Table:
     """One row per task: its own options with defaults (the norm options every task shares aside)."""
+    from batchlab.engine.tasks import COMMON_OPTIONS, NORMS
+
     table = Table(
         title="default options",
         caption=f"the classifiers also take norm={'|'.join(NORMS)} and ghost_batch_size=32",
@@ -67,6 +73,8 @@ def tasks_command(
     json_output: JsonOpt = False,
 ) -> None:
     """List tasks with train/validation sizes, input shape, parameter count and options."""
+    from batchlab.engine.tasks import list_tasks, task_info
+
     try:
         infos = [task_info(name) for name in names] if names else list_tasks()
     except SpecError as exc:

@@ -1,1 +1,1 @@
-"""Torch side: tasks, data slicing, the training engine, probes and measurements."""
+"""Torch side: tasks, data slicing, the training engine, the noise-scale monitor and measurements."""

@@ -9,7 +9,7 @@ Example (``per_example`` noise; ``split`` is the same call)::
     >>> from torch import nn
     >>> from batchlab.core.adaptive import AdaptiveSettings
     >>> from batchlab.engine.adaptive import AdaptiveBatch
-    >>> from batchlab.engine.probes import GradientNoiseScale
+    >>> from batchlab.engine.monitor import GradientNoiseScale
     >>> _ = torch.manual_seed(0)
     >>> x, y = torch.randn(4096, 10), torch.randint(0, 3, (4096,))
     >>> model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
@@ -49,7 +49,7 @@ from batchlab.core.adaptive import (
     micro_batches,
 )
 from batchlab.core.noise import DEFAULT_WINDOW
-from batchlab.engine.probes import GradientNoiseScale
+from batchlab.engine.monitor import GradientNoiseScale
 from batchlab.engine.spec import SpecError
 
 log = logging.getLogger(__name__)

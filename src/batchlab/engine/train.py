@@ -224,7 +224,7 @@ class _Solo:
         self.noise = self.adaptive = None
         if spec.noise_scale:
             from batchlab.core.noise import DEFAULT_WINDOW  # fixed weights at lr 0: average all
-            from batchlab.engine.probes import GradientNoiseScale
+            from batchlab.engine.monitor import GradientNoiseScale
 
             self.noise = GradientNoiseScale(
                 self.model,

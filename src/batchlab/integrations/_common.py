@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from batchlab.engine.lr_finder import LRRangeResult, lr_range_test
-from batchlab.engine.probes import GradientNoiseScale
+from batchlab.engine.monitor import GradientNoiseScale
 from batchlab.errors import FieldError
 
 log = logging.getLogger(__name__)

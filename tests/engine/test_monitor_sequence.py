@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from batchlab.core.noise import two_batch_estimate
-from batchlab.engine.probes import GradientNoiseScale, per_example_grad_norms
+from batchlab.engine.monitor import GradientNoiseScale, per_example_grad_norms
 from batchlab.engine.spec import SpecError
 
 VOCAB, WIDTH, SEQ, HEADS = 11, 16, 8, 2

@@ -9,10 +9,10 @@ import warnings
 
 import pytest
 import torch
-from tests.engine.test_probes_sequence import TinyGPT, lm_loss, tokens
+from tests.engine.test_monitor_sequence import TinyGPT, lm_loss, tokens
 from torch import Tensor, nn
 
-from batchlab.engine.probes import GradientNoiseScale
+from batchlab.engine.monitor import GradientNoiseScale
 from batchlab.engine.spec import SpecError
 
 ce = nn.functional.cross_entropy

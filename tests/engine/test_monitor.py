@@ -18,7 +18,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.parallel import DistributedDataParallel
 
 from batchlab.core.noise import NoiseWindow, two_batch_estimate
-from batchlab.engine.probes import GradientNoiseScale
+from batchlab.engine.monitor import GradientNoiseScale
 from batchlab.engine.spec import SpecError
 
 ce = nn.functional.cross_entropy
