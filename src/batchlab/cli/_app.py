@@ -175,6 +175,14 @@ MaxStepsOpt = Annotated[
         "--max-steps", help="Refuse a run that plans more optimizer steps (raise it to allow one)."
     ),
 ]
+NamedTaskOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--task",
+        help="The user task module:function the file names, to allow importing it (built-in "
+        "tasks need nothing; a store or sweep file alone names no code to run).",
+    ),
+]
 TrustTaskCodeOpt = Annotated[
     bool,
     typer.Option(

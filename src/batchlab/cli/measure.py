@@ -16,6 +16,7 @@ from batchlab.cli._app import (
     DbOpt,
     DeviceOpt,
     JsonOpt,
+    NamedTaskOpt,
     TaskOpt,
     TaskOptionsOpt,
     TrustTaskCodeOpt,
@@ -216,12 +217,7 @@ def lr_find_command(
 def sharpness_command(
     db: DbOpt = DEFAULT_DB,
     run: str = typer.Option(..., "--run", help="Run id (see `batchlab runs`)."),
-    task: str | None = typer.Option(
-        None,
-        "--task",
-        help="The run's user task module:function, to allow importing it (built-in tasks need "
-        "nothing; a store names no code to run).",
-    ),
+    task: NamedTaskOpt = None,
     trust_task_code: TrustTaskCodeOpt = False,
     iters: int = typer.Option(100, help="Most Hessian-vector products for the top eigenvalue."),
     epsilon: float = typer.Option(1e-3, help="Keskar box size: |z_i| <= epsilon (|x_i| + 1)."),

@@ -27,6 +27,7 @@ from batchlab.cli._app import (
     DbOpt,
     DeviceOpt,
     MaxStepsOpt,
+    NamedTaskOpt,
     TrustTaskCodeOpt,
     app,
     console,
@@ -123,12 +124,7 @@ def sweep_command(
         help="Refuse a sweep that plans more runs (raise it to allow).",
     ),
     max_steps: MaxStepsOpt = DEFAULT_MAX_STEPS,
-    task_name: str | None = typer.Option(
-        None,
-        "--task",
-        help="The sweep file's user task module:function, to allow importing it (built-in tasks "
-        "need nothing).",
-    ),
+    task_name: NamedTaskOpt = None,
     trust_task_code: TrustTaskCodeOpt = False,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object."),
 ) -> None:
