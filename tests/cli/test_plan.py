@@ -89,6 +89,18 @@ def test_measures_on_a_task():
     assert out["fastest"]["advice"]["rule"] == "critical"
 
 
+def test_measures_at_the_users_setting():
+    """With --batch-size/--lr/--optimizer the measuring run trains there, and the advice starts
+    from it (Adam: the surge rule)."""
+    out = _plan(
+        "--task", "digits-mlp", "--noise-steps", "30", "--batch-sizes", "8,32",
+        "--batch-size", "16", "--lr", "0.002", "--optimizer", "adam", "--device", "cpu",
+    )  # fmt: skip
+    assert "30 adam steps" in out["critical_source"] and "B=16, lr=0.002" in out["critical_source"]
+    assert out["target"]["reference_batch"] == 16 and out["target"]["steps"] == 30
+    assert out["fastest"]["advice"]["rule"] == "surge"
+
+
 @pytest.mark.parametrize(
     ("args", "field"),
     [

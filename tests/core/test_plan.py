@@ -191,3 +191,17 @@ def test_advice_costs_follow_the_steps_ratio():
     assert c["same_loss_wall_s"][1] == pytest.approx(200 * a.steps_ratio * t1)
     assert c["device_hours"][0] == pytest.approx(200 * t0 * 2 / 3600)
     assert "wall_s" not in advice_costs(advise(100, 0.1, 400), fit)
+
+
+def test_interval_from_zero_means_the_target_steps_at_every_batch():
+    """A noise trace not resolved from zero gives B_crit in [0, high]: at B_crit = 0 every batch
+    needs the reference batch's steps (S = S_min), so that is one end of each steps interval."""
+    fit = StepTimeFit(0.01, 0.0, (1.0,), (0.01,), 0.0)
+    target = Target(300.0, reference_batch=32)
+    preds = predict([8, 32, 512], target=target, critical_batch=45.0, step_time=fit,
+                    critical_interval=(0.0, 70.0))  # fmt: skip
+    for p in preds:
+        ends = [300.0, target.steps_at(p.batch_size, 45.0), target.steps_at(p.batch_size, 70.0)]
+        assert p.steps_interval == pytest.approx((min(ends), max(ends)))
+    assert preds[1].steps == pytest.approx(300.0)  # at the reference batch, the target itself
+    assert preds[0].steps_interval[0] == pytest.approx(300.0)  # small batch: B_crit=0 is fewest

@@ -123,17 +123,28 @@ def _study_inputs(db: Path, study: str | None) -> dict[str, Any]:
 
 
 def _measure_noise(
-    task: str, options: dict[str, Any], device: str | None, steps: int, quiet: bool
+    task: str,
+    options: dict[str, Any],
+    device: str | None,
+    steps: int,
+    quiet: bool,
+    base: tuple[int, float, str] | None = None,
 ) -> dict[str, Any]:
-    """B_noise at the end of a short SGD run (its interval too); the run's steps are the target."""
+    """B_noise at the end of a short run (its interval too); the run's steps are the target.
+
+    The run trains at ``base`` (batch, lr, optimizer: the user's known setting, so the noise is
+    measured where they train) or else with SGD at batch 64, lr 0.05.
+    """
     from batchlab.engine.spec import RunSpec, SpecError
     from batchlab.engine.train import train
 
+    batch, lr, optimizer = base or (NOISE_BATCH, NOISE_LR, "sgd")
     try:
         spec = RunSpec(
             task=task,
-            batch_size=NOISE_BATCH,
-            lr=NOISE_LR,
+            batch_size=batch,
+            lr=lr,
+            optimizer=optimizer,
             task_options=tuple(options.items()),
             budget_unit="steps",
             budget=steps,
@@ -153,12 +164,12 @@ def _measure_noise(
     if low is not None:  # high is None when |G|^2 is not resolved from zero: unbounded
         interval = (min(low, value), math.inf if high is None else max(high, value))
     return {
-        "source": f"noise scale at the end of {steps} SGD steps of {task} at B={NOISE_BATCH}, "
-        f"lr={NOISE_LR} (B_crit ~ B_noise, {SOURCES['critical']})",
+        "source": f"noise scale at the end of {steps} {optimizer} steps of {task} at B={batch}, "
+        f"lr={lr:g} (B_crit ~ B_noise, {SOURCES['critical']})",
         "critical_batch": float(value),
         "interval": interval,
-        "target": Target(float(result.steps), reference_batch=NOISE_BATCH),
-        "base": (NOISE_BATCH, NOISE_LR),
+        "target": Target(float(result.steps), reference_batch=batch),
+        "base": (batch, lr),
     }
 
 
@@ -300,8 +311,9 @@ def plan(
             inputs["interval"] = (critical_low, critical_high)
     else:
         assert task is not None
-        inputs = _measure_noise(task, options, device, noise_steps, json_out)
-        if optimizer != "sgd":  # the run's lr is an SGD lr: no base for Adam
+        known = (batch_size, lr, optimizer) if batch_size is not None and lr is not None else None
+        inputs = _measure_noise(task, options, device, noise_steps, json_out, known)
+        if known is None and optimizer != "sgd":  # the run's lr is an SGD lr: no base for Adam
             inputs.pop("base")
     if target is not None:
         inputs["target"] = target

@@ -220,7 +220,8 @@ def predict(
     """Predicted cost to the target at each global batch size on ``devices`` data-parallel devices.
 
     Communication between devices is not modelled: t(B) = step_time(B / devices). The interval's
-    upper end may be ``inf`` (a noise scale whose |G|^2 is not resolved from zero).
+    upper end may be ``inf`` (a noise scale whose |G|^2 is not resolved from zero) and its lower end
+    0 (a noise trace not resolved from zero: then every batch may need the target's steps).
 
     >>> fit = StepTimeFit(0.01, 0.0, (1.0,), (0.01,), 0.0)
     >>> [p.steps for p in predict([100, 400], target=Target(1000.0), critical_batch=100.0,
@@ -232,7 +233,7 @@ def predict(
     ends = [bc]
     if critical_interval is not None:
         low, high = critical_interval
-        check_number("critical_low", low, low=0.0, low_open=True)
+        check_number("critical_low", low, low=0.0)
         if not math.isinf(high):
             check_number("critical_high", high, low=0.0, low_open=True)
         if not low <= bc <= high:

@@ -957,9 +957,11 @@ class GradientNoiseScale:
 
     # ----- bookkeeping -----
 
-    def _skip(self, reason: str) -> None:
+    def _skip(self, reason: str, expected: bool = False) -> None:
+        """Count a skipped measurement; warn once per reason unless it is ``expected`` (routine)."""
         if not self.skipped[reason]:
-            log.warning("noise scale: skipped a measurement: %s", reason)
+            level = logging.DEBUG if expected else logging.WARNING
+            log.log(level, "noise scale: skipped a measurement: %s", reason)
         self.skipped[reason] += 1
 
     def _due(self) -> bool:
@@ -973,7 +975,8 @@ class GradientNoiseScale:
             state.scales = None if self.precondition is None else self._adam_scales()
             if self.precondition is not None and state.scales is None:
                 self._skip(
-                    "precondition: the optimizer has no second moments before its first step"
+                    "precondition: the optimizer has no second moments before its first step",
+                    expected=True,
                 )
         return self.precondition is None or state.scales is not None, state.scales
 
